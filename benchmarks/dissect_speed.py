@@ -1,0 +1,107 @@
+"""Dissection overhead and memory: (b) dissect() of 4 layers vs (a) generator + segmenter alone.
+
+    python benchmarks/dissect_speed.py [--generator sceneworld] [--segmenter sceneworld]
+                                       [--layers layer3 layer4 layer5 layer6] [--samples 512] [--device cpu]
+
+Prints the device, (a) and (b) in seconds over the same N samples, the ratio (b)/(a) (target
+<= 1.3), and the peak memory of dissect() at N and 4N samples, each measured in a fresh
+subprocess (it should not grow with N).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import gandissect_widgets as gw  # noqa: E402
+
+
+def load(a):
+    G = gw.load_generator(a.generator, device=a.device)
+    S = gw.load_segmenter(a.segmenter, device=a.device)
+    return G, S
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def forward_only(G, S, n, bs, device):
+    z = G.sample_z(n, 1)
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, bs):
+            S(G(z[i:i + bs].to(device)))
+    sync(device)
+    return time.perf_counter() - t
+
+
+def run_dissect(G, S, a, n):
+    sync(a.device)
+    t = time.perf_counter()
+    gw.dissect(G, S, a.layers, n_samples=n, batch_size=a.batch_size, device=a.device, progress=False)
+    sync(a.device)
+    return time.perf_counter() - t
+
+
+def child(a):
+    G, S = load(a)
+    if str(a.device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    forward_only(G, S, min(a.samples, 2 * a.batch_size), a.batch_size, a.device)  # warm-up
+    out = {}
+    if a.child == "forward":
+        out["seconds"] = forward_only(G, S, a.samples, a.batch_size, a.device)
+    else:
+        out["seconds"] = run_dissect(G, S, a, a.samples)
+    out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if str(a.device).startswith("cuda"):
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    print(json.dumps(out))
+
+
+def spawn(a, what, n):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--samples", str(n),
+           "--generator", a.generator, "--segmenter", a.segmenter, "--device", a.device,
+           "--batch-size", str(a.batch_size), "--layers", *a.layers]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--generator", default="sceneworld")
+    p.add_argument("--segmenter", default="sceneworld")
+    p.add_argument("--layers", nargs="+", default=["layer3", "layer4", "layer5", "layer6"])
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--child", default=None)
+    a = p.parse_args()
+    if a.child:
+        return child(a)
+    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or platform.machine()
+    print(f"device: {a.device} ({dev}); torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"generator {a.generator}, segmenter {a.segmenter}, layers {' '.join(a.layers)}, "
+          f"N={a.samples}, batch {a.batch_size}")
+    fa = spawn(a, "forward", a.samples)
+    fb = spawn(a, "dissect", a.samples)
+    print(f"(a) generator + segmenter forward: {fa['seconds']:.2f} s  ({a.samples / fa['seconds']:.0f} samples/s)")
+    print(f"(b) dissect() of {len(a.layers)} layers:       {fb['seconds']:.2f} s  ({a.samples / fb['seconds']:.0f} samples/s)")
+    print(f"ratio (b)/(a): {fb['seconds'] / fa['seconds']:.2f}  (target <= 1.3)")
+    f4 = spawn(a, "dissect", 4 * a.samples)
+    key = "cuda_peak_mb" if "cuda_peak_mb" in fb else "max_rss_mb"
+    print(f"peak memory ({key}): N={a.samples}: {fb[key]:.0f} MB; 4N={4 * a.samples}: {f4[key]:.0f} MB; "
+          f"growth {f4[key] - fb[key]:+.0f} MB (forward alone: {fa[key]:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""``dissect()``: per-unit thresholds and dataset-level IoU for several layers in one pass.
+
+How the passes go (n samples, batches of b, layers L1..Lm):
+1. Probe: one latent through the generator, to check shapes and find which requested layer runs last.
+2. Pilot: the first ``pilot_samples`` samples run through the generator and the segmenter; a random
+   subset of each unit's upsampled activations places that unit's histogram edges around the
+   target quantile.  Their segmentations are cached (on disk, ``uint8``/``int16``), never redone.
+3. Main pass: every sample once through the generator (cut short after the last requested layer
+   where its segmentation is already cached) and the segmenter; all layers accumulate moments,
+   top-k and a tail histogram joint with the labels (``engine.stats``).  A checkpoint is written
+   every ``checkpoint_every`` seconds and when an exception leaves the statistics whole.
+4. Read-out: each unit's threshold is the histogram edge whose fraction of pixels above is nearest
+   to ``1 - quantile``; its IoU with every concept is exact at that threshold.  Units whose edge
+   misses the target rank by more than ``rank_tolerance`` (a pilot that was not representative)
+   get new edges inside the bin that holds the target, and their layers are replayed from the
+   cached latents and segmentations (generator only) until they meet it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+import zlib
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gandissect_widgets.engine.hooks import TraceDict, resolve_layers
+from gandissect_widgets.engine.io import atomic_torch_save, cache_key
+from gandissect_widgets.engine.protocols import (ProtocolError, check_generator, check_images,
+                                                 check_segmenter, fingerprint, model_device,
+                                                 sample_latents, segment)
+from gandissect_widgets.engine.results import Dissection
+from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHistogram,
+                                             dedupe_channels, pilot_edges)
+from gandissect_widgets.engine.upsample import upsample
+
+__all__ = ["dissect", "ENGINE_VERSION"]
+
+ENGINE_VERSION = 1
+_CHUNK_ELEMENTS = 1 << 25  # upsampled values held at once per layer
+
+
+def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, quantile: float = 0.99,
+            batch_size: int = 32, device=None, cache_dir=None, topk: int = 20, bins: int = 128,
+            pilot_samples: int = 128, pilot_pixels: int = 256, rank_tolerance: float = 5e-4,
+            checkpoint_every: float = 60.0, progress: bool = True,
+            generator_name: str | None = None, segmenter_name: str | None = None) -> Dissection:
+    """Dissect ``layers`` of ``generator`` against ``segmenter`` over ``n_samples`` latents.
+
+    Returns a ``Dissection``.  Thresholds are the ``quantile`` of each unit's upsampled activations
+    over all pixels of all samples, read within ``rank_tolerance`` of the target rank (units with a
+    point mass at the quantile, such as dead units, cannot be and are flagged by ``fraction_above``).
+    ``cache_dir``: results are kept in ``cache_dir/dissect-<key>/`` where the key hashes everything
+    that affects them (weights, layers, n_samples, seed, quantile, topk, bins, pilot settings);
+    the same call loads instead of recomputing, and an interrupted run resumes from its checkpoint.
+    The generator (and a Module segmenter) are moved to ``device`` and put in eval mode.
+    """
+    layers = _check_args(generator, segmenter, layers, n_samples, seed, quantile, batch_size, topk, bins,
+                         pilot_samples, pilot_pixels)
+    device = torch.device(device) if device is not None else model_device(generator)
+    generator.to(device).eval()
+    if isinstance(segmenter, torch.nn.Module):
+        segmenter.to(device).eval()
+    labels = list(segmenter.labels)
+    settings = dict(generator=generator_name or type(generator).__name__,
+                    segmenter=segmenter_name or type(segmenter).__name__,
+                    generator_fingerprint=fingerprint(generator), segmenter_fingerprint=fingerprint(segmenter),
+                    layers=list(layers), n_samples=int(n_samples), seed=int(seed), quantile=float(quantile),
+                    topk=int(topk), bins=int(bins), pilot_samples=int(pilot_samples),
+                    pilot_pixels=int(pilot_pixels), rank_tolerance=float(rank_tolerance),
+                    engine_version=ENGINE_VERSION)
+    key_parts = {k: v for k, v in settings.items() if k not in ("generator", "segmenter")}
+    key = cache_key(**key_parts)
+    settings["cache_key"] = key
+
+    result_dir = work_dir = None
+    if cache_dir is not None:
+        result_dir = os.path.join(os.fspath(cache_dir), f"dissect-{key}")
+        if os.path.exists(os.path.join(result_dir, "dissect.json")):
+            return Dissection.load(result_dir)
+        work_dir = os.path.join(result_dir, "work")
+        os.makedirs(work_dir, exist_ok=True)
+    else:
+        work_dir = tempfile.mkdtemp(prefix="gandissect-")
+    try:
+        run = _Run(generator, segmenter, layers, labels, n_samples, seed, quantile, batch_size, device, topk,
+                   bins, pilot_samples, pilot_pixels, rank_tolerance, checkpoint_every, progress, work_dir, key)
+        arrays = run.execute()
+        result = Dissection(labels, arrays, settings)
+        if result_dir is not None:
+            result.save(result_dir)
+            shutil.rmtree(work_dir, ignore_errors=True)
+        return result
+    finally:
+        if result_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk, bins, pilot_samples, pilot_pixels):
+    check_generator(G)
+    check_segmenter(S)
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers or [])
+    if not layers:
+        raise ValueError("give at least one layer to dissect")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers repeated in {layers}")
+    resolve_layers(G, layers)
+    for name, val, lo in (("n_samples", n_samples, 1), ("batch_size", batch_size, 1), ("topk", topk, 1),
+                          ("bins", bins, 16), ("pilot_samples", pilot_samples, 1), ("pilot_pixels", pilot_pixels, 16)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not (isinstance(quantile, (float, int)) and 0.5 <= quantile < 1):
+        raise ValueError(f"quantile must be in [0.5, 1), got {quantile!r} (0.99 = top 1%)")
+    return layers
+
+
+class _LayerStats:
+    def __init__(self, units, k, device):
+        self.moments = RunningMoments(units, device)
+        self.topk = RunningTopK(units, k, device)
+        self.hist: TailHistogram | None = None
+
+    def state_dict(self):
+        return {"moments": self.moments.state_dict(), "topk": self.topk.state_dict(),
+                "hist": self.hist.state_dict() if self.hist is not None else None}
+
+    @classmethod
+    def from_state_dict(cls, sd, device):
+        self = cls.__new__(cls)
+        self.moments = RunningMoments.from_state_dict(sd["moments"], device)
+        self.topk = RunningTopK.from_state_dict(sd["topk"], device)
+        self.hist = TailHistogram.from_state_dict(sd["hist"], device) if sd["hist"] is not None else None
+        return self
+
+
+def _chunks(r, size):
+    """(u0, upsampled chunk) over unit chunks of a (N,U,h,w) activation."""
+    N, U = r.shape[:2]
+    per = max(1, _CHUNK_ELEMENTS // max(1, N * size[0] * size[1]))
+    for u0 in range(0, U, per):
+        yield u0, upsample(r[:, u0:u0 + per].float(), size)
+
+
+class _Run:
+    def __init__(self, G, S, layers, labels, n, seed, quantile, batch_size, device, k, bins, pilot_samples,
+                 pilot_pixels, tol, checkpoint_every, progress, work_dir, key):
+        self.G, self.S, self.layers, self.labels = G, S, layers, labels
+        self.n, self.seed, self.q, self.bs, self.device = int(n), int(seed), float(quantile), int(batch_size), device
+        self.k, self.bins, self.tol = int(k), int(bins), float(tol)
+        self.n_pilot, self.pilot_pixels = min(int(pilot_samples), self.n), int(pilot_pixels)
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.work_dir, self.key = work_dir, key
+        self.ckpt_path = os.path.join(work_dir, "checkpoint.pt")
+        self.seg_path = os.path.join(work_dir, "segmentation.npy")
+        self.C = len(labels)
+        self.z = sample_latents(G, self.n, self.seed)
+        self.segmented = 0
+        self.seg_cache = None
+        self.seg_grid = None
+        self.stats: dict[str, _LayerStats] = {}
+        self.next_batch = 0
+        self.edges: dict[str, torch.Tensor] | None = None
+
+    # -- forward ------------------------------------------------------------------------------
+    def probe(self):
+        order, shapes = [], {}
+        z = self.z[:1].to(self.device)
+
+        def record(out, name):
+            if name not in order:
+                order.append(name)
+            shapes[name] = tuple(out.shape) if torch.is_tensor(out) else None
+            return out
+
+        with torch.no_grad(), TraceDict(self.G, self.layers, retain_output=False, edit_output=record):
+            x = self.G(z)
+        check_images(x, 1)
+        for name in self.layers:
+            if name not in order:
+                raise ProtocolError(f"layer {name!r} did not run in a forward pass of {type(self.G).__name__}")
+            if shapes[name] is None or len(shapes[name]) != 4:
+                raise ProtocolError(f"layer {name!r} outputs {shapes[name]}; dissection needs a convolutional "
+                                    "feature map (N,C,h,w)")
+        self.order = order
+        self.stop_after = order[-1]
+        self.units = {name: shapes[name][1] for name in self.layers}
+        self.shapes = {name: shapes[name][1:] for name in self.layers}
+
+    def forward(self, i0, i1, layers=None, need_seg=True):
+        """Activations of ``layers`` for samples [i0, i1), and their labels (N,K,H,W) on device."""
+        layers = layers or self.layers
+        z = self.z[i0:i1].to(self.device)
+        cached = i1 <= self.segmented
+        stop = None if (need_seg and not cached) else [l for l in self.order if l in layers][-1]
+        with torch.no_grad():
+            with TraceDict(self.G, layers, stop_after=stop) as tr:
+                x = self.G(z)
+            acts = {name: tr[name].output for name in layers}
+            seg = None
+            if need_seg:
+                if cached:
+                    seg = torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
+                else:
+                    check_images(x, i1 - i0)
+                    seg = segment(self.S, x)
+                    self._store_seg(i0, i1, seg)
+        return acts, seg
+
+    def _store_seg(self, i0, i1, seg):
+        if self.seg_cache is None:
+            dtype = np.uint8 if self.C <= 256 else (np.int16 if self.C <= 32767 else np.int32)
+            shape = (self.n,) + tuple(seg.shape[1:])
+            self.seg_cache = np.lib.format.open_memmap(self.seg_path, mode="w+", dtype=dtype, shape=shape)
+            self.seg_grid = tuple(seg.shape[-2:])
+        elif tuple(seg.shape[1:]) != self.seg_cache.shape[1:]:
+            raise ProtocolError(f"segmenter output changed shape from {self.seg_cache.shape[1:]} to "
+                                f"{tuple(seg.shape[1:])} between batches")
+        self.seg_cache[i0:i1] = seg.cpu().numpy().astype(self.seg_cache.dtype)
+        self.segmented = max(self.segmented, i1)
+
+    def batches(self, start, stop):
+        return [(i, min(i + self.bs, stop)) for i in range(start, stop, self.bs)]
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def save_checkpoint(self):
+        if self.seg_cache is not None:
+            self.seg_cache.flush()
+        atomic_torch_save(self.ckpt_path, {
+            "key": self.key, "next_batch": self.next_batch, "segmented": self.segmented,
+            "seg_grid": self.seg_grid, "edges": {k: v.cpu() for k, v in (self.edges or {}).items()} or None,
+            "stats": {name: s.state_dict() for name, s in self.stats.items()}})
+
+    def load_checkpoint(self):
+        if not (os.path.exists(self.ckpt_path) and os.path.exists(self.seg_path)):
+            return False
+        try:
+            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception:
+            return False
+        if ck.get("key") != self.key:
+            return False
+        self.seg_cache = np.load(self.seg_path, mmap_mode="r+")
+        self.segmented, self.next_batch = int(ck["segmented"]), int(ck["next_batch"])
+        self.seg_grid = tuple(ck["seg_grid"]) if ck["seg_grid"] is not None else None
+        if ck["edges"] is not None:
+            self.edges = {k: v.to(self.device) for k, v in ck["edges"].items()}
+        self.stats = {name: _LayerStats.from_state_dict(sd, self.device) for name, sd in ck["stats"].items()}
+        return True
+
+    # -- passes -------------------------------------------------------------------------------
+    def execute(self):
+        self.probe()
+        resumed = self.load_checkpoint()
+        pilot = [] if (resumed and self.edges is not None) else self.batches(0, self.n_pilot)
+        main = self.batches(0, self.n)
+        bar = tqdm(total=len(pilot) + len(main), desc="dissect", disable=not self.progress,
+                   initial=min(self.next_batch, len(main)) if resumed and self.edges is not None else 0)
+        try:
+            if pilot:
+                self.pilot_pass(pilot, bar)
+            self.main_pass(main, bar)
+        finally:
+            bar.close()
+        self.refine()
+        return self.readout()
+
+    def pilot_pass(self, batches, bar):
+        values = {name: [] for name in self.layers}
+        for i0, i1 in batches:
+            acts, seg = self.forward(i0, i1)
+            H, W = self.seg_grid
+            S = min(self.pilot_pixels, H * W)
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
+            idx = torch.stack([torch.randperm(H * W, generator=g)[:S] for _ in range(i1 - i0)]).to(self.device)
+            for name in self.layers:
+                parts = []
+                for u0, up in _chunks(acts[name], self.seg_grid):
+                    flat = up.flatten(2)  # (N, Uc, HW)
+                    parts.append(flat.gather(2, idx[:, None, :].expand(-1, flat.shape[1], -1)))
+                v = torch.cat(parts, 1)  # (N, U, S)
+                values[name].append(v.transpose(0, 1).reshape(v.shape[1], -1))
+            bar.update(1)
+        self.edges = {name: pilot_edges(torch.cat(values[name], 1), self.q, self.bins) for name in self.layers}
+        self.stats = {name: _LayerStats(self.units[name], self.k, self.device) for name in self.layers}
+        for name in self.layers:
+            self.stats[name].hist = TailHistogram(self.edges[name], self.C)
+        self.next_batch = 0
+        self.save_checkpoint()
+
+    def main_pass(self, batches, bar):
+        last = time.monotonic()
+        for b in range(self.next_batch, len(batches)):
+            i0, i1 = batches[b]
+            try:
+                acts, seg = self.forward(i0, i1)
+            except BaseException:
+                self.save_checkpoint()  # statistics are whole: nothing of this batch was added
+                raise
+            self.accumulate(acts, seg, i0, i1, self.stats)
+            self.next_batch = b + 1
+            bar.update(1)
+            if time.monotonic() - last >= self.checkpoint_every and b + 1 < len(batches):
+                self.save_checkpoint()
+                last = time.monotonic()
+
+    def accumulate(self, acts, seg, i0, i1, stats, moments=True):
+        seg = dedupe_channels(seg, self.C)
+        ids = torch.arange(i0, i1, device=self.device)
+        for name, st in stats.items():
+            r = acts[name]
+            U = r.shape[1]
+            bstats = torch.zeros(4, U, dtype=torch.float64, device=self.device)
+            maxima = torch.empty(i1 - i0, U, device=self.device)
+            for u0, up in _chunks(r, self.seg_grid):
+                u1 = u0 + up.shape[1]
+                if moments:
+                    m = up.mean((0, 2, 3))
+                    bstats[0, u0:u1] = m.double()
+                    bstats[1, u0:u1] = ((up - m.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3)).double()
+                    bstats[2, u0:u1] = up.amin((0, 2, 3)).double()
+                    bstats[3, u0:u1] = up.amax((0, 2, 3)).double()
+                    maxima[:, u0:u1] = up.amax((2, 3))
+                st.hist.add(up, seg, unit_offset=u0, count_concepts=(u0 == 0))
+            if moments:
+                n = torch.tensor(float((i1 - i0) * self.seg_grid[0] * self.seg_grid[1]), dtype=torch.float64)
+                st.moments._combine(n, bstats[0], bstats[1], bstats[2], bstats[3])
+                st.topk.add(maxima, ids)
+
+    def refine(self, max_rounds: int = 4):
+        target = 1 - self.q
+        for _ in range(max_rounds):
+            redo = {}
+            for name in self.layers:
+                st = self.stats[name]
+                j, frac = st.hist.threshold_index(self.q)
+                bad = (frac - target).abs() > self.tol
+                if not bool(bad.any()):
+                    continue
+                lo, hi = st.hist.straddling_bounds(self.q, st.moments.min, st.moments.max)
+                width = hi - lo
+                scale = torch.maximum(lo.abs(), hi.abs()).clamp(min=1e-6)
+                bad &= width > 1e-6 * scale  # a point mass at the quantile cannot be split
+                if not bool(bad.any()):
+                    continue
+                edges = st.hist.edges.clone()
+                B = edges.shape[1]
+                steps = torch.linspace(0, 1, B + 1, dtype=torch.float64, device=edges.device)[:-1]
+                new = (lo[:, None] + width[:, None] * steps[None]).float()
+                edges[bad] = new[bad]
+                edges = torch.sort(edges, dim=1).values
+                redo[name] = edges
+            if not redo:
+                return
+            fresh = {}
+            for name, edges in redo.items():
+                s = _LayerStats.__new__(_LayerStats)
+                s.hist = TailHistogram(edges, self.C)
+                fresh[name] = s
+            names = list(redo)
+            for i0, i1 in self.batches(0, self.n):
+                acts, seg = self.forward(i0, i1, layers=names)
+                self.accumulate(acts, seg, i0, i1, fresh, moments=False)
+            for name in names:
+                self.stats[name].hist = fresh[name].hist
+
+    def readout(self):
+        out = {}
+        for name in self.layers:
+            st = self.stats[name]
+            h = st.hist
+            j, frac = h.threshold_index(self.q)
+            mask, inter = h.iou_counts(j)
+            inter = inter[:, :self.C].clone()
+            inter[:, 0] = 0
+            concept = h.concept_pixels[:self.C].clone()
+            concept[0] = 0
+            union = mask[:, None] + concept[None, :] - inter
+            iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.zeros((), dtype=torch.float64, device=union.device))
+            thr = h.edges.gather(1, j[:, None])[:, 0]
+            out[name] = {
+                "iou": iou.cpu().numpy(), "intersection": inter.cpu().numpy(), "mask_pixels": mask.cpu().numpy(),
+                "concept_pixels": concept.cpu().numpy(), "n_pixels": np.asarray(int(h.n_pixels)),
+                "thresholds": thr.cpu().numpy().astype(np.float32), "fraction_above": frac.cpu().numpy(),
+                "topk_indices": st.topk.indices.cpu().numpy(), "topk_values": st.topk.values.float().cpu().numpy(),
+                "mean": st.moments.mean.cpu().numpy(), "std": st.moments.variance.sqrt().cpu().numpy(),
+                "min": st.moments.min.cpu().numpy(), "max": st.moments.max.cpu().numpy(),
+                "shape": np.asarray(self.shapes[name], dtype=np.int64)}
+        return out

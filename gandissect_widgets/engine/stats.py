@@ -1,0 +1,279 @@
+"""Streaming, mergeable per-unit statistics, computed on the device of the data.
+
+- ``RunningMoments``: count, mean, variance, min and max per unit (Chan's parallel update).
+- ``RunningTopK``: the k samples with the largest per-sample value of each unit, ties broken by
+  the smaller sample index, so merging is exact.
+- ``TailHistogram``: per-unit histogram of activations with per-unit bin edges packed around a
+  target quantile, jointly with the segmentation label of every pixel.  One pass gives both the
+  threshold (an edge, with its exact rank) and the exact intersection/union counts at that
+  threshold for every concept: the whole of a dissection in one pass of the generator and the
+  segmenter.
+
+Every statistic has ``merge(other)`` (statistics over A and over B combine into those over A+B)
+and ``state_dict()`` / ``from_state_dict()`` for checkpoints.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["RunningMoments", "RunningTopK", "TailHistogram", "pilot_edges", "dedupe_channels"]
+
+
+def _t(x):
+    return x.detach().cpu().clone() if torch.is_tensor(x) else x
+
+
+class RunningMoments:
+    """Per-unit count, mean, M2 (sum of squared deviations), min, max, in float64."""
+
+    def __init__(self, units: int, device=None):
+        self.units = units
+        dev = torch.device(device or "cpu")
+        self.count = torch.zeros((), dtype=torch.float64, device=dev)
+        self.mean = torch.zeros(units, dtype=torch.float64, device=dev)
+        self.m2 = torch.zeros(units, dtype=torch.float64, device=dev)
+        self.min = torch.full((units,), math.inf, dtype=torch.float64, device=dev)
+        self.max = torch.full((units,), -math.inf, dtype=torch.float64, device=dev)
+
+    def add(self, x: torch.Tensor):
+        """x: (N, U, ...) values; every entry but the unit axis (1) is one observation."""
+        if x.shape[1] != self.units:
+            raise ValueError(f"expected {self.units} units on axis 1, got shape {tuple(x.shape)}")
+        dims = [d for d in range(x.dim()) if d != 1]
+        n = x.numel() // self.units
+        if n == 0:
+            return
+        bmean = x.mean(dims, dtype=torch.float64) if x.dtype == torch.float64 else x.float().mean(dims)
+        shape = [1] * x.dim()
+        shape[1] = self.units
+        bm2 = ((x - bmean.to(x.dtype).view(shape)) ** 2).sum(dims)
+        self._combine(torch.tensor(float(n), dtype=torch.float64), bmean.double(), bm2.double(),
+                      x.amin(dims).double(), x.amax(dims).double())
+
+    def _combine(self, n, mean, m2, mn, mx):
+        n = n.to(self.mean.device)
+        tot = self.count + n
+        delta = mean.to(self.mean.device) - self.mean
+        self.mean = self.mean + delta * (n / tot)
+        self.m2 = self.m2 + m2.to(self.m2.device) + delta ** 2 * (self.count * n / tot)
+        self.count = tot
+        self.min = torch.minimum(self.min, mn.to(self.min.device))
+        self.max = torch.maximum(self.max, mx.to(self.max.device))
+
+    def merge(self, other: "RunningMoments"):
+        if other.units != self.units:
+            raise ValueError(f"cannot merge moments of {other.units} units into {self.units}")
+        if float(other.count) > 0:
+            self._combine(other.count, other.mean, other.m2, other.min, other.max)
+        return self
+
+    @property
+    def variance(self):
+        return self.m2 / (self.count - 1).clamp(min=1)
+
+    def state_dict(self):
+        return {k: _t(getattr(self, k)) for k in ("count", "mean", "m2", "min", "max")}
+
+    @classmethod
+    def from_state_dict(cls, sd, device=None):
+        self = cls(sd["mean"].shape[0], device)
+        for k in ("count", "mean", "m2", "min", "max"):
+            setattr(self, k, sd[k].to(self.mean.device))
+        return self
+
+
+class RunningTopK:
+    """The k largest (value, sample index) pairs per unit; ties go to the smaller index."""
+
+    def __init__(self, units: int, k: int, device=None):
+        if k < 1:
+            raise ValueError(f"top-k needs k >= 1, got {k}")
+        dev = torch.device(device or "cpu")
+        self.units, self.k = units, k
+        self.values = torch.empty(units, 0, device=dev)
+        self.indices = torch.empty(units, 0, dtype=torch.long, device=dev)
+
+    def add(self, values: torch.Tensor, sample_ids: torch.Tensor):
+        """values: (N, U) per-sample scores; sample_ids: (N,) global sample indices."""
+        v = values.detach().t().to(self.values.device, self.values.dtype if self.values.numel() else values.dtype)
+        ids = sample_ids.to(self.indices.device).long()[None].expand(self.units, -1)
+        self._keep(torch.cat([self.values.to(v.dtype), v], 1), torch.cat([self.indices, ids], 1))
+
+    def _keep(self, v, ids):
+        order = torch.sort(ids, dim=1, stable=True).indices
+        v, ids = v.gather(1, order), ids.gather(1, order)
+        order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :self.k]
+        self.values, self.indices = v.gather(1, order), ids.gather(1, order)
+
+    def merge(self, other: "RunningTopK"):
+        if other.units != self.units:
+            raise ValueError(f"cannot merge top-k of {other.units} units into {self.units}")
+        self._keep(torch.cat([self.values, other.values.to(self.values)], 1),
+                   torch.cat([self.indices, other.indices.to(self.indices.device)], 1))
+        return self
+
+    def state_dict(self):
+        return {"k": self.k, "values": _t(self.values), "indices": _t(self.indices)}
+
+    @classmethod
+    def from_state_dict(cls, sd, device=None):
+        self = cls(sd["values"].shape[0], int(sd["k"]), device)
+        self.values = sd["values"].to(self.values.device)
+        self.indices = sd["indices"].to(self.indices.device)
+        return self
+
+
+def dedupe_channels(seg: torch.Tensor, void: int) -> torch.Tensor:
+    """(N,K,H,W) labels with 0 and repeats of a label already present at that pixel set to ``void``.
+
+    A pixel belongs to concept c if any channel says c (DESIGN §3); deduping makes every
+    (pixel, concept) pair count once however many channels agree.  Label 0 (unlabeled) is no concept.
+    """
+    seg = seg.clone()
+    seg[seg == 0] = void
+    for k in range(1, seg.shape[1]):
+        for j in range(k):
+            seg[:, k][seg[:, k] == seg[:, j]] = void
+    return seg
+
+
+def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128,
+                window=(0.02, 0.008)) -> torch.Tensor:
+    """Per-unit bin edges at the pilot's ranks around ``quantile``.
+
+    values: (U, M) pilot activations.  Most edges sit at evenly spaced ranks in
+    [quantile - window[0], quantile + window[1]], a few at higher ranks, so that the final
+    threshold can be read at a rank within about (window width / bins) of its target.
+    """
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    U, M = values.shape
+    lo = max(0.0, quantile - window[0])
+    hi = min(1.0, quantile + window[1])
+    n_fine = max(bins - 8, 8)
+    ranks = torch.linspace(lo, hi, n_fine, dtype=torch.float64)
+    above = torch.linspace(hi, 1.0, 10, dtype=torch.float64)[1:-1]
+    ranks = torch.cat([ranks, above]).clamp(0, 1)
+    srt = torch.sort(values.float(), dim=1).values
+    pos = (ranks * (M - 1)).round().long().to(srt.device)
+    return srt[:, pos].contiguous()
+
+
+class TailHistogram:
+    """Per-unit histogram of activations over per-unit ``edges`` (U,B), jointly with concepts.
+
+    Bins: 0 = (-inf, e0], j = (e_{j-1}, e_j], B = (e_{B-1}, inf).  Only values above e0 are binned
+    (the tail); bin 0 is the remainder.  ``joint[u, c, j]`` counts pixels of unit u in bin j whose
+    label is c, so thresholding at edge e_j gives, exactly:
+    mask count = sum_{b>j} hist[u, b] and intersection = sum_{b>j} joint[u, c, b].
+    Labels arrive deduped (``dedupe_channels``) with the void label ``concepts`` (ignored).
+    """
+
+    def __init__(self, edges: torch.Tensor, concepts: int):
+        self.edges = edges.float().contiguous()
+        U, B = self.edges.shape
+        if U == 0 or B == 0:
+            raise ValueError("a TailHistogram needs at least one unit and one edge")
+        self.units, self.bins, self.concepts = U, B, concepts
+        dev = self.edges.device
+        self.n_pixels = torch.zeros((), dtype=torch.long, device=dev)
+        self.hist = torch.zeros(U, B + 1, dtype=torch.long, device=dev)
+        self.joint = torch.zeros(U, concepts + 1, B + 1, dtype=torch.long, device=dev)
+        self.concept_pixels = torch.zeros(concepts + 1, dtype=torch.long, device=dev)
+        self._prepare()
+
+    def _prepare(self):
+        e = self.edges.double()
+        self._gmin, self._gmax = float(e.min()), float(e.max())
+        self._offset = (self._gmax - self._gmin) + 4.0
+        unit_off = torch.arange(self.units, dtype=torch.float64, device=e.device)[:, None] * self._offset
+        self._flat = (e + unit_off).reshape(-1).contiguous()
+
+    def add(self, acts: torch.Tensor, seg: torch.Tensor, unit_offset: int = 0, count_concepts: bool = True):
+        """acts: (N,Uc,H,W) upsampled activations of units [unit_offset, unit_offset+Uc);
+        seg: (N,K,H,W) deduped labels at the same grid.  Call once per unit chunk;
+        pixels and concept counts are counted on the chunk with unit_offset == 0."""
+        N, Uc, H, W = acts.shape
+        if seg.shape[0] != N or seg.shape[-2:] != acts.shape[-2:]:
+            raise ValueError(f"labels {tuple(seg.shape)} do not match activations {tuple(acts.shape)}")
+        B, C1 = self.bins, self.concepts + 1
+        if count_concepts:
+            self.n_pixels += N * H * W
+            self.concept_pixels += torch.bincount(seg.reshape(-1), minlength=C1)[:C1]
+        low = self.edges[unit_offset:unit_offset + Uc, 0].to(acts.dtype)
+        mask = acts > low.view(1, Uc, 1, 1)
+        nz = mask.nonzero()
+        if nz.shape[0] == 0:
+            return
+        vals = acts[mask].double().clamp(self._gmin - 1, self._gmax + 1)
+        u = nz[:, 1] + unit_offset
+        g = torch.searchsorted(self._flat, vals + u.double() * self._offset)
+        b = g - u * B  # in 1..B
+        hb = u * (B + 1) + b
+        self.hist += torch.bincount(hb, minlength=self.units * (B + 1)).view(self.units, B + 1)
+        n_i, y, x = nz[:, 0], nz[:, 2], nz[:, 3]
+        size = self.units * C1 * (B + 1)
+        for k in range(seg.shape[1]):
+            lab = seg[n_i, k, y, x]
+            idx = (u * C1 + lab) * (B + 1) + b
+            self.joint += torch.bincount(idx, minlength=size).view(self.units, C1, B + 1)
+
+    # -- readout -------------------------------------------------------------------------------
+    def counts_above(self) -> torch.Tensor:
+        """(U, B) number of values strictly above each edge."""
+        tail = self.hist[:, 1:].flip(1).cumsum(1).flip(1)  # tail[:, j] = sum_{b >= j+1} hist
+        return tail
+
+    def threshold_index(self, quantile: float):
+        """Per unit: the edge whose fraction of values above is nearest to 1 - quantile,
+        and that fraction."""
+        n = max(int(self.n_pixels), 1)
+        frac = self.counts_above().double() / n
+        err = (frac - (1 - quantile)).abs()
+        j = err.argmin(1)
+        return j, frac.gather(1, j[:, None])[:, 0]
+
+    def straddling_bounds(self, quantile: float, vmin: torch.Tensor, vmax: torch.Tensor):
+        """Per unit, the (lo, hi] value interval holding the target rank (for refinement)."""
+        n = max(int(self.n_pixels), 1)
+        frac = self.counts_above().double() / n  # decreasing in j
+        target = 1 - quantile
+        # first edge with frac <= target: the target lies between edge j-1 and edge j
+        below = (frac <= target)
+        has = below.any(1)
+        j = torch.where(has, below.float().argmax(1), torch.full_like(has, self.bins, dtype=torch.long))
+        e = self.edges.double()
+        lo = torch.where(j > 0, e.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], vmin.to(e))
+        hi = torch.where(j < self.bins, e.gather(1, j.clamp(max=self.bins - 1)[:, None])[:, 0], vmax.to(e))
+        return lo, hi
+
+    def iou_counts(self, j: torch.Tensor):
+        """For thresholds at edge ``j`` (U,): mask counts (U,), intersections (U,C+1)."""
+        mask_count = self.counts_above().gather(1, j[:, None])[:, 0]
+        tail = self.joint[:, :, 1:].flip(2).cumsum(2).flip(2)  # (U, C1, B)
+        inter = tail.gather(2, j.view(-1, 1, 1).expand(-1, tail.shape[1], 1))[:, :, 0]
+        return mask_count, inter
+
+    def merge(self, other: "TailHistogram"):
+        if other.edges.shape != self.edges.shape or not torch.equal(other.edges.to(self.edges), self.edges):
+            raise ValueError("cannot merge TailHistograms with different edges")
+        if other.concepts != self.concepts:
+            raise ValueError(f"cannot merge histograms of {other.concepts} concepts into {self.concepts}")
+        dev = self.hist.device
+        self.n_pixels += other.n_pixels.to(dev)
+        self.hist += other.hist.to(dev)
+        self.joint += other.joint.to(dev)
+        self.concept_pixels += other.concept_pixels.to(dev)
+        return self
+
+    def state_dict(self):
+        return {k: _t(getattr(self, k)) for k in ("edges", "n_pixels", "hist", "joint", "concept_pixels")}
+
+    @classmethod
+    def from_state_dict(cls, sd, device=None):
+        self = cls(sd["edges"].to(device or "cpu"), sd["joint"].shape[1] - 1)
+        for k in ("n_pixels", "hist", "joint", "concept_pixels"):
+            setattr(self, k, sd[k].to(self.edges.device))
+        return self

@@ -1,0 +1,160 @@
+"""Dissection against brute-force references on small data, planted units, merging."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gandissect_widgets as gw
+from gandissect_widgets.engine.hooks import TraceDict
+from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram, dedupe_channels
+from tiny import TinyGenerator, TinySegmenter
+
+
+def brute_force(G, S, layers, n, seed):
+    """Full activations upsampled with F.interpolate directly, and labels as (N,K,H,W)."""
+    z = G.sample_z(n, seed)
+    with torch.no_grad(), TraceDict(G, layers) as tr:
+        x = G(z)
+    seg = S(x)
+    if seg.dim() == 3:
+        seg = seg[:, None]
+    H, W = seg.shape[-2:]
+    ups = {l: F.interpolate(tr[l].output, size=(H, W), mode="bilinear", align_corners=False) for l in layers}
+    return ups, seg
+
+
+def exact_iou(up, seg, thresholds, C):
+    """IoU(u,c) = sum_z |M & S| / sum_z |M | S| with S_c = any channel == c."""
+    U = up.shape[1]
+    out = np.zeros((U, C))
+    for c in range(1, C):
+        S_c = (seg == c).any(1)  # (N,H,W)
+        for u in range(U):
+            M = up[:, u] > thresholds[u]
+            inter = (M & S_c).sum().item()
+            union = (M | S_c).sum().item()
+            out[u, c] = inter / union if union else 0.0
+    return out
+
+
+@pytest.mark.parametrize("half,channels", [(False, 1), (True, 1), (False, 2)])
+def test_matches_brute_force(half, channels):
+    G, S = TinyGenerator(), TinySegmenter(half=half, channels=channels)
+    layers = ["layer1", "layer2", "layer3"]
+    n = 150
+    d = gw.dissect(G, S, layers, n_samples=n, seed=3, batch_size=32, progress=False, pilot_samples=40)
+    ups, seg = brute_force(G, S, layers, n, 3)
+    for l in layers:
+        up = ups[l]
+        U = up.shape[1]
+        flat = up.transpose(0, 1).reshape(U, -1)
+        t = d.thresholds(l)
+        # threshold rank: fraction above within 0.001 of 1%
+        frac = (flat > torch.from_numpy(t)[:, None]).float().mean(1).numpy()
+        assert np.all(np.abs(frac - 0.01) <= 0.001), (l, frac)
+        np.testing.assert_allclose(d.array(l, "fraction_above"), frac, atol=1e-9)
+        # the threshold sits next to the exact quantile
+        exact_q = torch.quantile(flat.double(), 0.99, dim=1).numpy()
+        rank_of_exact = (flat.double() > torch.from_numpy(exact_q)[:, None]).double().mean(1).numpy()
+        assert np.all(np.abs(rank_of_exact - frac) <= 0.0011)
+        # IoU exact at the engine's thresholds
+        ref = exact_iou(up, seg, t, len(S.labels))
+        np.testing.assert_allclose(d.iou(l), ref, atol=1e-12)
+        # top-k by per-sample max of the same upsampled maps
+        mx = up.amax((2, 3))  # (N,U)
+        for u in range(U):
+            order = np.lexsort((np.arange(n), -mx[:, u].numpy()))[:20]
+            np.testing.assert_array_equal(d.topk(l)[u], order)
+        # moments
+        np.testing.assert_allclose(d.array(l, "mean"), flat.double().mean(1).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d.array(l, "std"), flat.double().std(1).numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(d.array(l, "max"), flat.amax(1).numpy(), rtol=1e-6)
+        # derived views
+        labels = d.unit_label_ids(l)
+        assert np.all(labels == 1 + np.argmax(ref[:, 1:], 1))
+        assert d.unit_labels(l)[0] == S.labels[labels[0]]
+        np.testing.assert_array_equal(d.interpretable(l, 0.04), ref[np.arange(U), labels] > 0.04)
+
+
+def test_planted_units_found():
+    G, S = gw.load_generator("planted", concepts=4, units=16), gw.load_segmenter("planted", concepts=4)
+    d = gw.dissect(G, S, ["layer1", "layer2"], n_samples=400, seed=1, batch_size=64, progress=False)
+    names = ["red", "green", "blue", "yellow"]
+    for layer in ("layer1", "layer2"):
+        iou = d.iou(layer)
+        for j, name in enumerate(names):
+            assert d.unit_labels(layer)[j] == name
+            assert iou[j, S.labels.index(name)] > 0.9
+            assert d.ranking(layer, name)[0] == j
+        rnd = iou[4:, 2:]  # random units vs the planted concepts
+        assert rnd.max() < 0.04
+        assert not d.interpretable(layer)[4:].any()
+        assert d.interpretable(layer)[:4].all()
+
+
+def test_refinement_when_pilot_is_unrepresentative():
+    """The pilot sees only small activations; the rest of the data is far larger."""
+    class Shifted(TinyGenerator):
+        def sample_z(self, n, seed=0):
+            z = super().sample_z(n, seed)
+            z[8:] *= 6.0  # samples past the pilot are much stronger
+            return z
+
+    G, S = Shifted(), TinySegmenter()
+    d = gw.dissect(G, S, ["layer1"], n_samples=120, seed=0, batch_size=16, progress=False, pilot_samples=8)
+    ups, seg = brute_force(G, S, ["layer1"], 120, 0)
+    up = ups["layer1"]
+    flat = up.transpose(0, 1).reshape(up.shape[1], -1)
+    frac = (flat > torch.from_numpy(d.thresholds("layer1"))[:, None]).float().mean(1).numpy()
+    assert np.all(np.abs(frac - 0.01) <= 0.001), frac
+    np.testing.assert_allclose(d.iou("layer1"), exact_iou(up, seg, d.thresholds("layer1"), 5), atol=1e-12)
+
+
+def _split_stats(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(20, 3, 6, 6, generator=g)
+    seg = torch.randint(0, 4, (20, 2, 6, 6), generator=g)
+    edges = torch.sort(torch.randn(3, 24, generator=g), 1).values
+    return acts, dedupe_channels(seg, 4), edges
+
+
+def test_merge_equals_whole():
+    acts, seg, edges = _split_stats()
+    ids = torch.arange(20)
+    whole = (RunningMoments(3), RunningTopK(3, 5), TailHistogram(edges, 4))
+    a = (RunningMoments(3), RunningTopK(3, 5), TailHistogram(edges, 4))
+    b = (RunningMoments(3), RunningTopK(3, 5), TailHistogram(edges, 4))
+    for stats, sl in ((whole, slice(0, 20)), (a, slice(0, 7)), (b, slice(7, 20))):
+        stats[0].add(acts[sl])
+        stats[1].add(acts[sl].amax((2, 3)), ids[sl])
+        stats[2].add(acts[sl], seg[sl])
+    a[0].merge(b[0]); a[1].merge(b[1]); a[2].merge(b[2])
+    for k in ("count", "min", "max"):
+        assert torch.equal(getattr(a[0], k), getattr(whole[0], k))
+    torch.testing.assert_close(a[0].mean, whole[0].mean)
+    torch.testing.assert_close(a[0].variance, whole[0].variance)
+    torch.testing.assert_close(a[0].variance, acts.transpose(0, 1).reshape(3, -1).double().var(1))
+    assert torch.equal(a[1].values, whole[1].values) and torch.equal(a[1].indices, whole[1].indices)
+    for k in ("n_pixels", "hist", "joint", "concept_pixels"):
+        assert torch.equal(getattr(a[2], k), getattr(whole[2], k)), k
+    # and the histogram's counts are exact
+    j = torch.tensor([5, 10, 20])
+    mask, inter = whole[2].iou_counts(j)
+    for u in range(3):
+        M = acts[:, u] > edges[u, j[u]]
+        assert int(mask[u]) == int(M.sum())
+        for c in range(1, 4):
+            assert int(inter[u, c]) == int((M & (seg == c).any(1)).sum())
+
+
+def test_merge_rejects_different_edges():
+    acts, seg, edges = _split_stats()
+    with pytest.raises(ValueError, match="different edges"):
+        TailHistogram(edges, 4).merge(TailHistogram(edges + 1, 4))
+
+
+def test_topk_ties_go_to_smaller_index():
+    t = RunningTopK(1, 3)
+    t.add(torch.tensor([[1.0], [2.0], [2.0], [1.0]]), torch.tensor([0, 1, 2, 3]))
+    t.add(torch.tensor([[2.0]]), torch.tensor([4]))
+    assert t.indices.tolist() == [[1, 2, 4]]
