@@ -43,6 +43,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list nested modules")
 
     sub.add_parser("models", help="list registered generators and segmenters")
+
+    def causal(name, help_):
+        p = sub.add_parser(name, help=help_)
+        _add_model_args(p)
+        p.add_argument("--layer", required=True, help="the layer to intervene at")
+        p.add_argument("--out", required=True, help="output directory (JSON and PNG figures)")
+        p.add_argument("--dissection", default=None,
+                       help="a directory written by `gandissect dissect` (else the layer is dissected here)")
+        p.add_argument("--dissect-samples", type=int, default=500, help="samples if dissecting here (default 500)")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--quiet", action="store_true")
+        return p
+
+    p = causal("ace", "average causal effect of a unit set, single-unit ACE ranking, removal curve")
+    p.add_argument("--concept", required=True)
+    p.add_argument("--units", type=int, nargs="+", default=None, help="unit set (default: top --top units by IoU)")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--unit-samples", type=int, default=32, help="samples per unit for the ACE ranking (0: skip)")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50])
+    p.add_argument("--random-draws", type=int, default=5)
+
+    p = causal("optimize", "learn a continuous intervention vector for a concept")
+    p.add_argument("--concept", required=True)
+    p.add_argument("--train", type=int, default=256)
+    p.add_argument("--test", type=int, default=128)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--l2", type=float, default=0.005)
+    p.add_argument("--seed", type=int, default=10)
+
+    p = causal("context", "insert a concept's top units one cell at a time, tabulated by what is there")
+    p.add_argument("--concept", required=True)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--locations", type=int, default=8, help="cells per sample (0: every cell)")
+    p.add_argument("--seed", type=int, default=5)
+
+    p = causal("artifacts", "rank units by how much ablating them improves sample quality")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--top-samples", type=int, default=100, help="top-activating samples per unit")
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--reference", default=None,
+                   help="real images: a folder of images or a .pt tensor (N,3,H,W) in [-1,1]; "
+                        "default for sceneworld: its renders")
+    p.add_argument("--reference-samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=6)
     return parser
 
 
@@ -110,10 +159,16 @@ def cmd_models(a):
 
 
 def main(argv=None) -> int:
+    from gandissect_widgets import causal_cli
     args = build_parser().parse_args(argv)
+    commands = {"dissect": cmd_dissect, "layers": cmd_layers, "models": cmd_models, "ace": causal_cli.cmd_ace,
+                "optimize": causal_cli.cmd_optimize, "context": causal_cli.cmd_context,
+                "artifacts": causal_cli.cmd_artifacts}
     try:
-        {"dissect": cmd_dissect, "layers": cmd_layers, "models": cmd_models}[args.command](args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        commands[args.command](args)
+    except (KeyError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("GANDISSECT_DEBUG"):
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"gandissect {args.command}: error: {msg}", file=sys.stderr)
         return 2

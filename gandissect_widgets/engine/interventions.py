@@ -1,0 +1,225 @@
+"""Interventions at the level a user speaks: "ablate these units here", "insert tree there".
+
+- ``Intervention``: a unit set at a layer, ablated or inserted, everywhere or inside a region
+  given at image resolution (pooled to the layer grid, max by default).  ``to_edit`` turns it
+  into the engine's ``Edit`` (``r' = r*(1-a) + k*a``).
+- ``render``: images of latents under a list of interventions, running only the layers after the
+  first edited one; it can start from a cached activation, which is what interactive
+  re-rendering does.
+- ``concept_presence``: s_c(x), the fraction of pixels a segmenter marks as c.
+- ``InsertionValues``: per-unit insertion constants k (mean activation where the concept is, or a
+  quantile of the unit's activations), computed once per (layer, concept, settings) and cached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from gandissect_widgets.engine.hooks import (Edit, TraceDict, can_run_from, edit_layers, resolve_layers,
+                                             run_from)
+from gandissect_widgets.engine.protocols import fingerprint, model_device, sample_latents, segment
+from gandissect_widgets.engine.upsample import pool_mask
+
+__all__ = ["Intervention", "render", "layer_activation", "concept_presence", "concept_index",
+           "InsertionValues", "execution_order"]
+
+
+def concept_index(labels: Sequence[str], concept) -> int:
+    """The label index of ``concept`` (a name or an index), with an error listing the concepts."""
+    labels = list(labels)
+    if isinstance(concept, (int, np.integer)) and not isinstance(concept, bool):
+        if 0 < int(concept) < len(labels):
+            return int(concept)
+        raise ValueError(f"concept index {concept} out of range 1..{len(labels) - 1}")
+    if isinstance(concept, str) and concept in labels[1:]:
+        return labels.index(concept)
+    raise KeyError(f"unknown concept {concept!r}; concepts: {', '.join(map(str, labels[1:]))}")
+
+
+@dataclass
+class Intervention:
+    """Ablate (``mode="ablate"``) or insert (``mode="insert"``) ``units`` of ``layer``.
+
+    units:  unit indices, or a (C,) weight vector in [0,1] (continuous interventions).
+    values: insertion constants k: a scalar, one per unit in ``units``, or one per channel.
+    region: None (everywhere) or a mask (H,W) / (N,H,W) in [0,1] at image resolution.
+    pooling: how the region reaches the layer grid: "max" (every touched cell) or "mean".
+    """
+
+    layer: str
+    units: object
+    mode: str = "ablate"
+    values: object = None
+    region: object = None
+    pooling: str = "max"
+
+    def __post_init__(self):
+        if self.mode not in ("ablate", "insert"):
+            raise ValueError(f"mode must be 'ablate' or 'insert', got {self.mode!r}")
+        if self.mode == "insert" and self.values is None:
+            raise ValueError("an insertion needs values (see InsertionValues) ")
+        if self.pooling not in ("max", "mean"):
+            raise ValueError(f"pooling must be 'max' or 'mean', got {self.pooling!r}")
+
+    def to_edit(self, layer_shape, image_size=None) -> Edit:
+        """The Edit at a layer of shape (C,h,w); ``image_size`` (H,W) checks the region's size."""
+        mask = None
+        if self.region is not None:
+            reg = torch.as_tensor(self.region)
+            if reg.dim() not in (2, 3):
+                raise ValueError(f"region must be (H,W) or (N,H,W), got shape {tuple(reg.shape)}")
+            if image_size is not None and tuple(reg.shape[-2:]) != tuple(image_size):
+                raise ValueError(f"region has size {tuple(reg.shape[-2:])}, but images are {tuple(image_size)}")
+            mask = pool_mask(reg, layer_shape[-2:], self.pooling)
+        value = None if self.mode == "ablate" else self.values
+        return Edit(self.layer, self.units, value, mask)
+
+
+def execution_order(G, layers, z) -> list[str]:
+    """``layers`` in the order a forward of ``z[:1]`` runs them."""
+    order = []
+
+    def record(out, name):
+        if name not in order:
+            order.append(name)
+        return out
+
+    with torch.no_grad(), TraceDict(G, list(layers), retain_output=False, edit_output=record):
+        G(z[:1])
+    return order
+
+
+def layer_activation(G, z, layer):
+    """The output of ``layer`` for latents ``z`` (the rest of the forward is skipped)."""
+    with torch.no_grad(), TraceDict(G, [layer], stop_after=layer) as tr:
+        G(z)
+    return tr[layer].output
+
+
+def _edits_by_layer(G, interventions, image_size, shapes):
+    edits = {}
+    for iv in interventions:
+        if isinstance(iv, Edit):
+            edits.setdefault(iv.layer, []).append(iv)
+            continue
+        edits.setdefault(iv.layer, []).append(iv.to_edit(shapes[iv.layer], image_size))
+    return edits
+
+
+def render(G, z, interventions: Sequence = (), activation=None, layer=None, image_size=None, grad=False):
+    """Images of ``z`` under ``interventions`` (``Intervention`` or ``Edit`` objects).
+
+    When every intervention is at one layer L of a model that ``run_from`` can restart, only the
+    layers after L run; pass ``activation`` (L's unedited output for ``z``) and ``layer=L`` to skip
+    the layers before L as well.  Otherwise the full forward runs with the edits hooked in.
+    ``grad=True`` keeps the autograd graph (for optimising intervention weights).
+    """
+    interventions = list(interventions)
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        if not interventions:
+            if activation is not None and layer is not None and can_run_from(G, layer):
+                return run_from(G, layer, activation)
+            return G(z)
+        layers = sorted({iv.layer for iv in interventions})
+        resolve_layers(G, layers)
+        if len(layers) == 1 and can_run_from(G, layers[0]):
+            L = layers[0]
+            if activation is None or layer != L:
+                activation = layer_activation(G, z, L)
+            shapes = {L: tuple(activation.shape[1:])}
+            edits = _edits_by_layer(G, interventions, image_size, shapes)[L]
+            r = activation
+            for e in edits:
+                r = e.apply(r)
+            return run_from(G, L, r)
+        shapes = {}
+        with TraceDict(G, layers, stop_after=execution_order(G, layers, z)[-1]) as tr:
+            G(z[:1])
+        shapes = {l: tuple(tr[l].output.shape[1:]) for l in layers}
+        edits = [e for es in _edits_by_layer(G, interventions, image_size, shapes).values() for e in es]
+        with edit_layers(G, edits):
+            return G(z)
+
+
+def concept_presence(S, images, concept: int, soft: bool = False) -> torch.Tensor:
+    """(N,) fraction of pixels segmented as ``concept`` (any label channel).
+
+    ``soft=True`` uses ``S.probabilities`` (mean probability of the concept), differentiable.
+    """
+    if soft:
+        probs = getattr(S, "probabilities", None)
+        if probs is None:
+            raise ValueError(f"{type(S).__name__} has no probabilities(); soft presence (the optimiser) needs a "
+                             "segmenter that gives class probabilities")
+        return probs(images)[:, concept].mean((1, 2))
+    seg = segment(S, images)
+    return (seg == concept).any(1).float().mean((1, 2))
+
+
+@dataclass
+class InsertionValues:
+    """Per-unit insertion constants, computed once per (generator, segmenter, layer, concept, settings).
+
+    ``mode="mean"`` (default): the mean of each unit's activation where the concept is present,
+    at the layer's grid, each cell weighted by the fraction of its pixels segmented as the concept
+    (the original aceoptimize's "weighted mean present feature"; upsampling instead would blur it).  ``mode="quantile"``: the ``q`` quantile of the unit's activations over all
+    positions of the samples (raw layer grid).
+    """
+
+    G: object
+    S: object
+    n_samples: int = 200
+    seed: int = 3
+    batch_size: int = 32
+    mode: str = "mean"
+    q: float = 0.99
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.mode not in ("mean", "quantile"):
+            raise ValueError(f"insertion value mode must be 'mean' or 'quantile', got {self.mode!r}")
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+
+    def key(self, layer, concept):
+        return (fingerprint(self.G), fingerprint(self.S), layer, concept, self.n_samples, self.seed, self.mode, self.q)
+
+    def __call__(self, layer: str, concept) -> torch.Tensor:
+        """(C,) insertion value of every unit of ``layer`` for ``concept``."""
+        c = concept_index(self.S.labels, concept)
+        resolve_layers(self.G, [layer])
+        key = self.key(layer, c if self.mode == "mean" else None)
+        if key not in self._cache:
+            self._cache[key] = self._compute(layer, c)
+        return self._cache[key]
+
+    def _compute(self, layer, c):
+        dev = model_device(self.G)
+        z = sample_latents(self.G, self.n_samples, self.seed)
+        total, weight, values = None, 0.0, []
+        with torch.no_grad():
+            for i in range(0, self.n_samples, self.batch_size):
+                zb = z[i:i + self.batch_size].to(dev)
+                with TraceDict(self.G, [layer]) as tr:
+                    x = self.G(zb)
+                r = tr[layer].output.float()
+                if self.mode == "quantile":
+                    values.append(r.transpose(0, 1).reshape(r.shape[1], -1).cpu())
+                    continue
+                present = (segment(self.S, x) == c).any(1).float()[:, None]  # (N,1,H,W)
+                w = torch.nn.functional.adaptive_avg_pool2d(present, r.shape[-2:])  # fraction per cell
+                s = (r * w).sum((0, 2, 3))
+                total = s if total is None else total + s
+                weight += float(w.sum())
+        if self.mode == "quantile":
+            allv = torch.cat(values, 1)
+            return torch.quantile(allv, self.q, dim=1) if allv.shape[1] <= 16_000_000 else \
+                torch.sort(allv, 1).values[:, int(self.q * (allv.shape[1] - 1))]
+        if weight == 0:
+            raise ValueError(f"concept {self.S.labels[c]!r} never appears in {self.n_samples} samples (seed "
+                             f"{self.seed}); its mean activation is undefined: use mode='quantile' or more samples")
+        return (total / weight).cpu()
