@@ -8,10 +8,11 @@
 """
 from gandissect_widgets.engine import (Dissection, Edit, ProtocolError, Trace, TraceDict, UnknownLayerError,
                                        dissect, edit_layers, run_from, upsample)
+from gandissect_widgets.engine.session import Session
 from gandissect_widgets.registry import (list_generators, list_segmenters, load_generator, load_segmenter,
                                          register_generator, register_segmenter)
 
 __version__ = "0.1.0"
-__all__ = ["dissect", "Dissection", "Edit", "Trace", "TraceDict", "edit_layers", "run_from", "upsample",
+__all__ = ["Session", "dissect", "Dissection", "Edit", "Trace", "TraceDict", "edit_layers", "run_from", "upsample",
            "load_generator", "load_segmenter", "register_generator", "register_segmenter",
            "list_generators", "list_segmenters", "ProtocolError", "UnknownLayerError"]

@@ -152,3 +152,49 @@ def interpretable_units_figure(dissection, layers=None, min_iou: float = 0.04, a
         fig.tight_layout()
         return fig
     return ax.figure
+
+
+def unit_iou_figure(dissection, layer: str, unit: int, top: int = 10):
+    """A unit's IoU with its best concepts (horizontal bars)."""
+    iou = dissection.iou(layer)[unit]
+    order = [c for c in np.argsort(-iou, kind="stable") if c > 0][:top]
+    fig = Figure(figsize=(3.4, 0.22 * len(order) + 0.9))
+    ax = fig.subplots()
+    ax.barh([dissection.labels[c] for c in order][::-1], iou[order][::-1], color="tab:blue")
+    ax.axvline(0.04, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("IoU")
+    ax.set_title(f"{layer} unit {unit}", fontsize=9)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def unit_histogram_figure(values, threshold: float, unit: int, bins: int = 50):
+    """Histogram of a unit's (upsampled) activations with its threshold marked."""
+    fig = Figure(figsize=(3.4, 2.2))
+    ax = fig.subplots()
+    ax.hist(np.asarray(values).ravel(), bins=bins, color="tab:gray", log=True)
+    ax.axvline(threshold, color="tab:red", lw=1, label="threshold")
+    ax.set_xlabel("activation")
+    ax.set_ylabel("pixels")
+    ax.set_title(f"unit {unit}: activations on its top samples", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def ranking_figure(scores, units_shown, selected, concept: str, metric: str):
+    """Bars of a ranking (units in rank order), the selected ones highlighted."""
+    scores = np.asarray(scores)
+    fig = Figure(figsize=(max(4, 0.2 * len(units_shown) + 1), 2.6))
+    ax = fig.subplots()
+    colors = ["tab:orange" if u in selected else "tab:blue" for u in units_shown]
+    ax.bar(range(len(units_shown)), scores[list(units_shown)], color=colors)
+    ax.set_xticks(range(len(units_shown)))
+    ax.set_xticklabels([str(u) for u in units_shown], rotation=90, fontsize=6)
+    ax.set_ylabel(metric)
+    ax.set_xlabel("unit (selected in orange)")
+    ax.set_title(f"units by {metric} for {concept}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,319 @@
+"""``Session``: one generator, one segmenter, one device and one dissection, shared by every view.
+
+It holds the state that views share (current layer, concept, focused unit, selected units,
+sample indices, edit mode) and notifies observers when a piece changes, so a selection made in
+one widget shows in the others.  It also caches what interactive re-rendering needs: latents,
+each layer's unedited activations for the displayed samples, and insertion values, so a toggle
+re-runs only the layers after the edited one.  Model calls are serialised by ``self.lock``:
+views may render from worker threads.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from gandissect_widgets.engine.hooks import resolve_layers
+from gandissect_widgets.engine.imaging import to_uint8
+from gandissect_widgets.engine.interventions import (InsertionValues, Intervention, concept_index,
+                                                     concept_presence, layer_activation, render)
+from gandissect_widgets.engine.protocols import check_generator, check_segmenter, model_device, segment
+from gandissect_widgets.engine.results import Dissection
+from gandissect_widgets.engine.upsample import upsample
+
+__all__ = ["Session", "parse_indices"]
+
+_STATE = ("layer", "concept", "unit", "selection", "samples", "mode", "dissection", "ace")
+
+
+def parse_indices(text: str, limit: int = 10_000) -> list[int]:
+    """'0-7', '3, 9, 12-14' -> sample indices, with a clear error on anything else."""
+    out = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"cannot read sample indices {text!r}: use numbers and ranges like '0-7, 12'") from None
+    if not out:
+        raise ValueError("no sample indices given: use numbers and ranges like '0-7, 12'")
+    if min(out) < 0 or len(out) > limit:
+        raise ValueError(f"sample indices must be >= 0 and at most {limit} of them")
+    return out
+
+
+class Session:
+    """The shared state and caches behind a notebook's widgets.
+
+    State (read as attributes, change with ``update(**changes)``; observers get
+    ``(name, old, new)``): ``layer``, ``concept``, ``unit``, ``selection`` (tuple of units of
+    ``layer`` chosen for editing), ``samples`` (tuple of sample indices shown), ``mode``
+    ("ablate" or "insert"), ``dissection``, ``ace`` ({(layer, concept): (U,) single-unit ACE}).
+    """
+
+    def __init__(self, generator=None, segmenter=None, device=None, dissection: Dissection | None = None,
+                 layer: str | None = None, concept: str | None = None, seed: int = 0, samples=range(8)):
+        from gandissect_widgets.registry import load_generator, load_segmenter
+        if device is None:
+            device = model_device(generator) if isinstance(generator, torch.nn.Module) else \
+                ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.generator = generator if generator is not None else load_generator("sceneworld", device=str(self.device))
+        self.segmenter = segmenter if segmenter is not None else load_segmenter("sceneworld", device=str(self.device))
+        check_generator(self.generator)
+        check_segmenter(self.segmenter)
+        self.generator.to(self.device).eval()
+        if isinstance(self.segmenter, torch.nn.Module):
+            self.segmenter.to(self.device).eval()
+        self.labels = list(self.segmenter.labels)
+        self.seed = int(seed)
+        self.lock = threading.RLock()
+        self._observers: list[tuple[Callable, set | None]] = []
+        self._z: dict[int, torch.Tensor] = {}
+        self._acts: OrderedDict = OrderedDict()
+        self._insertion = InsertionValues(self.generator, self.segmenter)
+        self.layer = layer
+        self.concept = concept
+        self.unit = None
+        self.selection: tuple = ()
+        self.samples = tuple(int(i) for i in samples)
+        self.mode = "ablate"
+        self.dissection = None
+        self.ace: dict = {}
+        if dissection is not None:
+            self.set_dissection(dissection)
+        if self.layer is None:
+            self.layer = self.layers()[0] if self.dissection is not None else None
+
+    # -- observation --------------------------------------------------------------------------
+    def observe(self, fn: Callable, names: Iterable[str] | None = None):
+        """Call ``fn(name, old, new)`` whenever one of ``names`` (default: all) changes."""
+        names = set(names) if names is not None else None
+        if names is not None and names - set(_STATE):
+            raise ValueError(f"unknown session state {sorted(names - set(_STATE))}; known: {', '.join(_STATE)}")
+        self._observers.append((fn, names))
+        return fn
+
+    def unobserve(self, fn: Callable):
+        self._observers = [(f, n) for f, n in self._observers if f is not fn]
+
+    def update(self, **changes):
+        """Set several pieces of state, validate them, then notify observers of what changed."""
+        unknown = set(changes) - set(_STATE)
+        if unknown:
+            raise ValueError(f"unknown session state {sorted(unknown)}; known: {', '.join(_STATE)}")
+        clean = {k: self._validate(k, v, changes) for k, v in changes.items()}
+        changed = []
+        for k, v in clean.items():
+            old = getattr(self, k)
+            if not _same(old, v):
+                setattr(self, k, v)
+                changed.append((k, old, v))
+        for k, old, v in changed:
+            for fn, names in list(self._observers):
+                if names is None or k in names:
+                    fn(k, old, v)
+        return self
+
+    def _validate(self, k, v, changes):
+        if k == "layer":
+            if v is not None:
+                resolve_layers(self.generator, [v])
+            return v
+        if k == "concept":
+            return None if v is None else self.labels[concept_index(self.labels, v)]
+        if k == "mode":
+            if v not in ("ablate", "insert"):
+                raise ValueError(f"mode must be 'ablate' or 'insert', got {v!r}")
+            return v
+        if k == "samples":
+            v = tuple(int(i) for i in v)
+            if not v or min(v) < 0:
+                raise ValueError("samples must be a non-empty list of indices >= 0")
+            return v
+        if k in ("selection",):
+            v = tuple(sorted({int(u) for u in v}))
+            layer = changes.get("layer", self.layer)
+            if v and layer is not None:
+                n = self.n_units(layer)
+                bad = [u for u in v if u < 0 or u >= n]
+                if bad:
+                    raise ValueError(f"unit index out of range: {bad[:10]}; {layer} has {n} units")
+            return v
+        if k == "unit":
+            return None if v is None else int(v)
+        if k == "dissection":
+            if v is not None and not isinstance(v, Dissection):
+                raise ValueError(f"dissection must be a Dissection, got {type(v).__name__}")
+            return v
+        return v
+
+    # -- dissection ---------------------------------------------------------------------------
+    def set_dissection(self, d: Dissection):
+        if list(d.labels) != self.labels:
+            raise ValueError("the dissection was made with a segmenter of different labels than this session's")
+        resolve_layers(self.generator, d.layers)
+        self.update(dissection=d, layer=self.layer if self.layer in d.layers else d.layers[0])
+        return d
+
+    def dissect(self, layers: Sequence[str], n_samples: int = 1000, **kwargs) -> Dissection:
+        """Run (or load from ``cache_dir``) a dissection with this session's models and keep it."""
+        from gandissect_widgets.engine.dissection import dissect
+        with self.lock:
+            d = dissect(self.generator, self.segmenter, layers, n_samples=n_samples, device=self.device, **kwargs)
+        return self.set_dissection(d)
+
+    def layers(self) -> list[str]:
+        if self.dissection is not None:
+            return self.dissection.layers
+        return [n for n, _ in self.generator.named_children()]
+
+    def concepts(self) -> list[str]:
+        return self.labels[1:]
+
+    def n_units(self, layer: str) -> int:
+        if self.dissection is not None and layer in self.dissection.layers:
+            return int(self.dissection.array(layer, "shape")[0])
+        return int(self.activation(layer, (0,)).shape[1])
+
+    def _need_dissection(self):
+        if self.dissection is None:
+            raise ValueError("this needs a dissection: call session.dissect([...layers]) or pass dissection=")
+        return self.dissection
+
+    # -- latents, activations, images ----------------------------------------------------------
+    def latents(self, indices: Sequence[int], seed: int | None = None) -> torch.Tensor:
+        """z of sample ``indices`` under ``seed`` (default the session's), on the device."""
+        seed = self.seed if seed is None else int(seed)
+        need = max(indices) + 1
+        z = self._z.get(seed)
+        if z is None or z.shape[0] < need:
+            n = max(need, 2 * (z.shape[0] if z is not None else 32))
+            z = self.generator.sample_z(n, seed)
+            self._z[seed] = z
+        return z[list(indices)].to(self.device)
+
+    def activation(self, layer: str, indices: Sequence[int], seed: int | None = None) -> torch.Tensor:
+        """Unedited output of ``layer`` for the samples (cached: the last few requests)."""
+        key = (layer, tuple(indices), self.seed if seed is None else seed)
+        with self.lock:
+            if key in self._acts:
+                self._acts.move_to_end(key)
+                return self._acts[key]
+            r = layer_activation(self.generator, self.latents(indices, seed), layer)
+            self._acts[key] = r
+            while len(self._acts) > 16:
+                self._acts.popitem(last=False)
+            return r
+
+    def render(self, indices: Sequence[int], interventions: Sequence = (), seed: int | None = None) -> torch.Tensor:
+        """Images (N,3,H,W) of the samples under ``interventions``, from cached activations."""
+        interventions = list(interventions)
+        layers = {iv.layer for iv in interventions}
+        with self.lock:
+            z = self.latents(indices, seed)
+            if len(layers) == 1:
+                L = next(iter(layers))
+                return render(self.generator, z, interventions, activation=self.activation(L, indices, seed), layer=L)
+            if not interventions and self.layer is not None:
+                return render(self.generator, z, [], activation=self.activation(self.layer, indices, seed),
+                              layer=self.layer)
+            return render(self.generator, z, interventions)
+
+    def images(self, indices: Sequence[int], interventions: Sequence = (), seed: int | None = None) -> np.ndarray:
+        """The same as uint8 (N,H,W,3)."""
+        return to_uint8(self.render(indices, interventions, seed))
+
+    def presence(self, images: torch.Tensor, concept) -> np.ndarray:
+        """(N,) fraction of pixels of ``concept`` in each image."""
+        with self.lock:
+            return concept_presence(self.segmenter, images, concept_index(self.labels, concept)).cpu().numpy()
+
+    def segmentation(self, images: torch.Tensor) -> np.ndarray:
+        with self.lock:
+            return segment(self.segmenter, images)[:, 0].cpu().numpy()
+
+    # -- interventions -------------------------------------------------------------------------
+    def insertion_values(self, layer: str, concept) -> torch.Tensor:
+        with self.lock:
+            return self._insertion(layer, concept)
+
+    def intervention(self, layer: str, units, mode: str = "ablate", concept=None, region=None) -> Intervention:
+        """An Intervention with this session's insertion values (for ``concept``) when inserting."""
+        values = None
+        if mode == "insert":
+            concept = concept if concept is not None else self.concept
+            if concept is None:
+                raise ValueError("an insertion needs a concept (its insertion values come from it)")
+            values = self.insertion_values(layer, concept)[torch.as_tensor(list(units), dtype=torch.long)]
+        return Intervention(layer, list(units), mode, values=values, region=region)
+
+    def top_units(self, layer: str, concept, k: int) -> list[int]:
+        return [int(u) for u in self._need_dissection().ranking(layer, concept)[:k]]
+
+    # -- unit views ----------------------------------------------------------------------------
+    def dissection_latents(self, indices) -> tuple[list[int], int]:
+        d = self._need_dissection()
+        return list(indices), int(d.settings.get("seed", 1))
+
+    def unit_maps(self, layer: str, unit: int, indices: Sequence[int], seed: int | None = None):
+        """(upsampled activation maps (N,H,W), masks at the dissection's threshold, images uint8)."""
+        d = self._need_dissection()
+        with self.lock:
+            z = self.latents(indices, seed)
+            x = self.render(indices, [], seed)
+            seg_hw = segment(self.segmenter, x[:1]).shape[-2:]
+            r = self.activation(layer, indices, seed)[:, unit:unit + 1]
+            up = upsample(r.float(), seg_hw)[:, 0].cpu().numpy()
+        del z
+        thr = float(d.thresholds(layer)[unit])
+        return up, up > thr, to_uint8(x)
+
+    def unit_top_samples(self, layer: str, unit: int, k: int = 5) -> list[int]:
+        d = self._need_dissection()
+        return [int(i) for i in d.topk(layer)[unit][:k]]
+
+    def unit_gallery(self, layer: str, units: Sequence[int], k: int = 4) -> dict:
+        """{unit: (images (k,H,W,3) uint8, masks (k,h,w) bool, maps (k,h,w))} over each unit's top-k
+        dissection samples; masks at the dissection's threshold, maps upsampled as in the dissection.
+        One forward for all the samples involved."""
+        d = self._need_dissection()
+        seed = int(d.settings.get("seed", 1))
+        top = {int(u): [int(i) for i in d.topk(layer)[int(u)][:k]] for u in units}
+        idx = sorted({i for v in top.values() for i in v})
+        if not idx:
+            return {}
+        pos = {i: j for j, i in enumerate(idx)}
+        thr = d.thresholds(layer)
+        with self.lock:
+            x = self.render(idx, [], seed)
+            hw = segment(self.segmenter, x[:1]).shape[-2:]
+            r = self.activation(layer, idx, seed)
+            imgs = to_uint8(x)
+            out = {}
+            for u, samples in top.items():
+                rows = [pos[i] for i in samples]
+                up = upsample(r[rows, u:u + 1].float(), hw)[:, 0].cpu().numpy()
+                out[u] = (imgs[rows], up > thr[u], up)
+        return out
+
+
+def _same(a, b):
+    if a is b:
+        return True
+    try:
+        r = a == b
+        return bool(r) if not isinstance(r, np.ndarray) else bool(r.all())
+    except Exception:
+        return False

@@ -1,0 +1,65 @@
+"""What every view shares: a Session, a status line for busy state and errors, a render worker."""
+from __future__ import annotations
+
+import html
+import time
+
+import ipywidgets as W
+
+from gandissect_widgets.widgets.worker import LatestWins
+
+__all__ = ["View", "image_widget"]
+
+BUSY_AFTER = 0.15  # seconds before "rendering..." shows
+
+
+def image_widget(**layout):
+    return W.Image(format="png", layout=W.Layout(**layout) if layout else W.Layout())
+
+
+class View(W.VBox):
+    """A VBox with ``session``, ``status`` (an HTML line) and ``worker`` (LatestWins)."""
+
+    def __init__(self, session, children=(), **kwargs):
+        self.session = session
+        self.status = W.HTML(value="", layout=W.Layout(min_height="1.5em"))
+        self.last_error = None
+        self._busy_since = None
+        self.worker = LatestWins(on_error=self._show_error, on_busy=self._set_busy, name=type(self).__name__)
+        super().__init__(children=list(children) + [self.status], **kwargs)
+        self.add_class("gandissect-view")
+
+    def _set_busy(self, flag):
+        if flag:
+            self._busy_since = time.monotonic()
+            self.status.value = '<span style="color:#777">rendering…</span>'
+        else:
+            self._busy_since = None
+            if self.last_error is None:
+                self.status.value = ""
+
+    def _show_error(self, exc, text=""):
+        self.last_error = exc
+        self.status.value = (f'<span style="color:#b00020"><b>{html.escape(type(exc).__name__)}:</b> '
+                             f'{html.escape(str(exc))}</span>')
+
+    def clear_error(self):
+        self.last_error = None
+        self.status.value = ""
+
+    def run(self, job, done=None):
+        """Run ``job`` off the comm thread; ``done(result)`` if it is still the latest."""
+        self.clear_error()
+        return self.worker.submit(job, done)
+
+    def safely(self, fn):
+        """Wrap a UI callback so that its errors show in the view instead of vanishing."""
+        def wrapped(*a, **k):
+            try:
+                return fn(*a, **k)
+            except Exception as e:
+                self._show_error(e)
+        return wrapped
+
+    def wait(self, timeout=60.0):
+        return self.worker.wait(timeout)

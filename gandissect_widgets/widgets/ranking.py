@@ -1,0 +1,112 @@
+"""IoU ranking: for a concept, the units ranked by IoU (or by ACE where computed); pick the
+top-k or click units, and send the choice to the ablation panel (the session's selection)."""
+from __future__ import annotations
+
+import ipywidgets as W
+import numpy as np
+
+from gandissect_widgets.report.figures import ranking_figure
+from gandissect_widgets.widgets.base import View, image_widget
+from gandissect_widgets.widgets.encode import figure_png
+
+__all__ = ["IouRanking"]
+
+
+class IouRanking(View):
+    def __init__(self, session, shown: int = 40):
+        s = session
+        d = s._need_dissection()
+        self.shown = shown
+        self.concept = W.Dropdown(options=s.concepts(), value=s.concept or s.concepts()[0], description="concept",
+                                  layout=W.Layout(width="220px"))
+        self.layer = W.Dropdown(options=d.layers, value=s.layer if s.layer in d.layers else d.layers[0],
+                                description="layer", layout=W.Layout(width="180px"))
+        self.metric = W.ToggleButtons(options=["IoU", "ACE"], value="IoU", style={"button_width": "60px"})
+        self.compute_ace = W.Button(description="compute ACE", tooltip="single-unit ACE of every unit (slow)")
+        self.topk = W.IntSlider(value=10, min=1, max=min(50, s.n_units(self.layer.value)), description="top-k",
+                                continuous_update=False)
+        self.units = W.SelectMultiple(options=[], rows=12, description="units", layout=W.Layout(width="340px"))
+        self.send = W.Button(description="send to ablation panel", button_style="primary",
+                             layout=W.Layout(width="auto"))
+        self.chart = image_widget()
+        top = W.HBox([self.concept, self.layer, self.metric, self.compute_ace])
+        super().__init__(session, [top, W.HBox([W.VBox([self.topk, self.units, self.send]), self.chart])])
+        self.concept.observe(self.safely(self._concept_changed), names="value")
+        self.layer.observe(self.safely(self._layer_changed), names="value")
+        self.metric.observe(self.safely(lambda ch: self.refresh()), names="value")
+        self.topk.observe(self.safely(lambda ch: self.select_top(ch["new"])), names="value")
+        self.units.observe(self.safely(lambda ch: self._draw()), names="value")
+        self.send.on_click(self.safely(lambda b: self.send_selection()))
+        self.compute_ace.on_click(self.safely(lambda b: self.run_ace()))
+        s.observe(self._session_changed, names=["concept", "layer", "ace"])
+        self.refresh()
+
+    def scores(self) -> np.ndarray:
+        s, L = self.session, self.layer.value
+        if self.metric.value == "ACE":
+            key = (L, self.concept.value)
+            if key not in s.ace:
+                raise ValueError(f"no ACE computed for {self.concept.value} at {L} yet: press 'compute ACE'")
+            return np.asarray(s.ace[key])
+        return s.dissection.iou(L)[:, s.dissection.concept_index(self.concept.value)]
+
+    def ranked(self) -> list[int]:
+        sc = self.scores()
+        return [int(u) for u in np.lexsort((np.arange(len(sc)), -sc))]
+
+    def refresh(self):
+        try:
+            sc = self.scores()
+        except ValueError as e:
+            self._show_error(e)
+            return
+        self.clear_error()
+        order = self.ranked()
+        self.units.options = [(f"unit {u:>4}  {self.metric.value} {sc[u]:.3f}", u) for u in order[:max(self.shown, 50)]]
+        self.topk.max = min(50, len(order))
+        self.select_top(self.topk.value)
+
+    def select_top(self, k: int):
+        self.units.value = tuple(self.ranked()[:k])
+
+    def chosen(self) -> tuple:
+        return tuple(self.units.value)
+
+    def _draw(self):
+        sc = self.scores()
+        order = self.ranked()[:self.shown]
+        fig = ranking_figure(sc, order, set(self.units.value), self.concept.value, self.metric.value)
+        self.chart.value = figure_png(fig)
+
+    def send_selection(self):
+        s = self.session
+        s.update(layer=self.layer.value, concept=self.concept.value, selection=self.chosen())
+
+    def run_ace(self):
+        from gandissect_widgets.engine.ace import unit_ace
+        s, L, c = self.session, self.layer.value, self.concept.value
+
+        def job():
+            with s.lock:
+                return unit_ace(s.generator, s.segmenter, L, c, n_samples=32, insertion=s._insertion, progress=False)
+
+        def done(values):
+            s.update(ace={**s.ace, (L, c): values})
+            self.metric.value = "ACE"
+        self.run(job, done)
+
+    def _concept_changed(self, ch):
+        self.session.update(concept=ch["new"])
+        self.refresh()
+
+    def _layer_changed(self, ch):
+        self.session.update(layer=ch["new"])
+        self.refresh()
+
+    def _session_changed(self, name, old, new):
+        if name == "concept" and new is not None and new != self.concept.value:
+            self.concept.value = new
+        elif name == "layer" and new in self.layer.options and new != self.layer.value:
+            self.layer.value = new
+        elif name == "ace":
+            self.refresh()

@@ -1,0 +1,45 @@
+"""Layer summary: interpretable units per concept per layer, for one dissection or two side by side."""
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+
+from gandissect_widgets.report.figures import interpretable_units_figure
+from gandissect_widgets.widgets.base import View, image_widget
+from gandissect_widgets.widgets.encode import figure_png
+
+__all__ = ["LayerSummary"]
+
+
+class LayerSummary(View):
+    """``LayerSummary(session)`` or ``LayerSummary(session, other=dissection_b, names=("A", "B"))``."""
+
+    def __init__(self, session, other=None, names=("this model", "other")):
+        self.other, self.names = other, names
+        self.min_iou = W.FloatSlider(value=0.04, min=0.0, max=0.3, step=0.01, description="min IoU",
+                                     continuous_update=False, readout_format=".2f")
+        self.left, self.right = image_widget(), image_widget()
+        self.table = W.HTML()
+        panes = [W.VBox([W.HTML(f"<b>{html.escape(names[0])}</b>"), self.left])]
+        if other is not None:
+            panes.append(W.VBox([W.HTML(f"<b>{html.escape(names[1])}</b>"), self.right]))
+        super().__init__(session, [self.min_iou, W.HBox(panes), self.table])
+        self.min_iou.observe(self.safely(lambda ch: self.refresh()), names="value")
+        session.observe(lambda *a: self.refresh(), names=["dissection"])
+        self.refresh()
+
+    def refresh(self):
+        d = self.session._need_dissection()
+        m = self.min_iou.value
+        self.left.value = figure_png(interpretable_units_figure(d, min_iou=m))
+        rows = [(self.names[0], d)]
+        if self.other is not None:
+            self.right.value = figure_png(interpretable_units_figure(self.other, min_iou=m))
+            rows.append((self.names[1], self.other))
+        head = "<tr><th>model</th><th>layer</th><th>interpretable</th><th>concepts</th></tr>"
+        body = "".join(
+            f"<tr><td>{html.escape(n)}</td><td>{html.escape(l)}</td><td>{int(dd.interpretable(l, m).sum())}/"
+            f"{len(dd.thresholds(l))}</td><td>{len(dd.concept_counts(l, m))}</td></tr>"
+            for n, dd in rows for l in dd.layers)
+        self.table.value = f"<table style='font-size:12px'>{head}{body}</table>"
