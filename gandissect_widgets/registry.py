@@ -55,7 +55,7 @@ class Registry:
     def __contains__(self, name):
         return name in self._entries
 
-    def load(self, name: str, **options):
+    def load(self, name: str, /, **options):  # positional-only: a family may take a name= option
         if name not in self._entries:
             raise KeyError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names()) or '(none)'}")
         fn = self._entries[name].resolve()
@@ -89,13 +89,13 @@ def _builtins():
     import gandissect_widgets.segmenters  # noqa: F401
 
 
-def load_generator(name: str = "sceneworld", **options):
+def load_generator(name: str = "sceneworld", /, **options):
     """A generator by registered name; options go to its constructor (``checkpoint=PATH``, ``device=``)."""
     _builtins()
     return GENERATORS.load(name, **options)
 
 
-def load_segmenter(name: str = "sceneworld", **options):
+def load_segmenter(name: str = "sceneworld", /, **options):
     """A segmenter by registered name; options go to its constructor."""
     _builtins()
     return SEGMENTERS.load(name, **options)
