@@ -14,7 +14,17 @@ __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_npz", "atomic
            "sha256_file", "cache_key"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask briefly changes process state
+
+
 def atomic_write_bytes(path, data: bytes):
+    """Write to a temporary file beside ``path``, then rename: readers see the old file or the new one."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -24,6 +34,7 @@ def atomic_write_bytes(path, data: bytes):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

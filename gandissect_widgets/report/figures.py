@@ -57,35 +57,30 @@ def removal_curve_figure(curve: dict):
     return fig
 
 
-def ace_ranking_figure(ace, concept: str, layer: str, top: int = 30):
-    ace = np.asarray(ace)
-    order = np.lexsort((np.arange(len(ace)), -ace))[:top]
+def _ranked_bars(values, top, color, ylabel, title, ylim=None):
+    values = np.asarray(values)
+    order = np.lexsort((np.arange(len(values)), -values))[:top]
     fig = Figure(figsize=(max(4, 0.22 * len(order) + 1), 3))
     ax = fig.subplots()
-    ax.bar(range(len(order)), ace[order], color="tab:green")
+    ax.bar(range(len(order)), values[order], color=color)
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([str(u) for u in order], rotation=90, fontsize=7)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("unit")
-    ax.set_ylabel("single-unit ACE")
-    ax.set_title(f"{concept}: units of {layer} by causal effect")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def ace_ranking_figure(ace, concept: str, layer: str, top: int = 30):
+    return _ranked_bars(ace, top, "tab:green", "single-unit ACE", f"{concept}: units of {layer} by causal effect")
 
 
 def alpha_figure(alpha, concept: str, layer: str, top: int = 40):
-    alpha = np.asarray(alpha)
-    order = np.lexsort((np.arange(len(alpha)), -alpha))[:top]
-    fig = Figure(figsize=(max(4, 0.2 * len(order) + 1), 3))
-    ax = fig.subplots()
-    ax.bar(range(len(order)), alpha[order], color="tab:purple")
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([str(u) for u in order], rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("learned alpha")
-    ax.set_xlabel("unit")
-    ax.set_title(f"Optimised intervention for {concept} at {layer}")
-    fig.tight_layout()
-    return fig
+    return _ranked_bars(alpha, top, "tab:purple", "learned alpha", f"Optimised intervention for {concept} at {layer}",
+                        ylim=(0, 1.02))
 
 
 def context_figure(result, min_count: int = 5):
@@ -198,3 +193,175 @@ def ranking_figure(scores, units_shown, selected, concept: str, metric: str):
     ax.set_title(f"units by {metric} for {concept}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# -- pictures and comparisons: the figure notebooks and the HTML report ------------------------
+
+def image_grid_figure(rows, row_labels=None, col_labels=None, title=None, cell: float = 1.05,
+                      label_width: float = 1.5):
+    """Rows of pictures, one axes per picture (no ticks), labels on the left and on top.
+
+    rows: a list of (N,H,W,3) uint8 arrays (or lists of (H,W,3)); rows may differ in length."""
+    rows = [list(r) for r in rows]
+    if not rows or not any(rows):
+        raise ValueError("image_grid_figure needs at least one row with one picture")
+    ncols = max(len(r) for r in rows)
+    left = label_width if row_labels is not None else 0.1
+    top = (0.45 if title else 0.05) + (0.3 if col_labels is not None else 0)
+    fig = Figure(figsize=(left + cell * ncols, top + cell * len(rows) + 0.05))
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j < len(r):
+                ax.imshow(np.asarray(r[j]), interpolation="nearest")
+            else:
+                ax.set_facecolor("none")
+        if row_labels is not None:
+            axes[i, 0].set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=8, labelpad=6)
+    if col_labels is not None:
+        for j, text in enumerate(col_labels[:ncols]):
+            axes[0, j].set_title(text, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    W, H = fig.get_size_inches()
+    fig.subplots_adjust(left=left / W, right=1 - 0.05 / W, bottom=0.05 / H, top=1 - top / H,
+                        wspace=0.04, hspace=0.06)
+    return fig
+
+
+def unit_gallery_figure(gallery: dict, dissection, layer: str, rows, title=None, dim: float = 0.35):
+    """Top-activating samples of units, darkened outside each unit's mask (its top-1% region).
+
+    gallery: ``Session.unit_gallery(layer, units, k)``; rows: [(concept, unit)] in display order,
+    each labelled with the unit's IoU for that concept."""
+    from gandissect_widgets.engine.imaging import overlay_mask
+    iou = dissection.iou(layer)
+    pics, labels = [], []
+    for concept, unit in rows:
+        images, masks, _ = gallery[int(unit)]
+        pics.append(overlay_mask(images, masks, dim=dim))
+        c = dissection.concept_index(concept)
+        labels.append(f"{concept}\n{layer} unit {int(unit)}\nIoU {iou[int(unit), c]:.3f}")
+    k = max(len(p) for p in pics)
+    return image_grid_figure(pics, labels, [f"top sample {i + 1}" for i in range(k)],
+                             title or f"Top units per concept at {layer}: top-activating samples, "
+                                      f"darkened outside the unit's top-1% mask")
+
+
+def _concept_colors(concepts):
+    cmap, n = (colormaps["tab10"], 10) if len(concepts) <= 10 else (colormaps["tab20"], 20)
+    return {c: cmap(i % n) for i, c in enumerate(concepts)}
+
+
+def compare_dissections_figure(dissections: dict, layers=None, min_iou: float = 0.04):
+    """Two (or more) dissections side by side: interpretable units per concept for each layer
+    (stacked bars, one panel per dissection, shared y axis and concept colours), and each layer's
+    units sorted by their best IoU (last panel; the dashed line is ``min_iou``).
+
+    dissections: {name: Dissection}; layers: a list for all of them, or {name: [layers]}."""
+    names = list(dissections)
+    if not names:
+        raise ValueError("compare_dissections_figure needs at least one dissection")
+    lay = {n: list((layers.get(n) if isinstance(layers, dict) else layers) or dissections[n].layers) for n in names}
+    counts = {n: [dissections[n].concept_counts(l, min_iou) for l in lay[n]] for n in names}
+    total = {}
+    for n in names:
+        for cc in counts[n]:
+            for c, v in cc.items():
+                total[c] = total.get(c, 0) + v
+    concepts = sorted(total, key=lambda c: (-total[c], c))
+    colors = _concept_colors(concepts)
+    width = sum(max(2.2, 0.6 * len(lay[n]) + 1) for n in names) + 3.6
+    fig = Figure(figsize=(width, 3.6))
+    axes = fig.subplots(1, len(names) + 1, gridspec_kw={"width_ratios": [max(2.2, 0.6 * len(lay[n]) + 1)
+                                                                         for n in names] + [3.2]})
+    ymax = max([sum(cc.values()) for n in names for cc in counts[n]] + [1])
+    for ax, n in zip(axes, names):
+        bottom = np.zeros(len(lay[n]))
+        for c in concepts:
+            vals = np.array([cc.get(c, 0) for cc in counts[n]])
+            if vals.any():
+                ax.bar(lay[n], vals, bottom=bottom, color=colors[c], label=c)
+            bottom += vals
+        ax.set_ylim(0, ymax * 1.08)
+        ax.set_title(n, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[0].set_ylabel(f"interpretable units (IoU > {min_iou})", fontsize=8)
+    from matplotlib.patches import Patch
+    handles = [Patch(color=colors[c], label=c) for c in concepts]
+    if handles:
+        axes[len(names) - 1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax = axes[-1]
+    styles = ["-", "--", ":", "-."]
+    for i, n in enumerate(names):
+        for j, l in enumerate(lay[n]):
+            ious = np.sort(dissections[n].unit_ious(l))[::-1]
+            x = (np.arange(len(ious)) + 0.5) / len(ious)
+            ax.plot(x, ious, styles[i % len(styles)], color=colormaps["viridis"](j / max(1, len(lay[n]) - 1)),
+                    lw=1.2, label=f"{n}: {l}")
+    ax.axhline(min_iou, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("fraction of the layer's units (by rank)", fontsize=8)
+    ax.set_ylabel("best IoU", fontsize=8)
+    ax.set_title("units sorted by best IoU", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, ncol=1 if sum(len(v) for v in lay.values()) <= 6 else 2, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def context_table_figure(results, min_count: int = 5):
+    """The contextual-insertion table as a heat map: rows are what the image had where the units were
+    inserted, columns the inserted concepts; each cell shows the mean fraction of image pixels of the
+    concept added, ± the 95% half-width, and the number of insertions.
+
+    results: ``ContextResult`` objects or their ``to_json()`` dicts (as in ``context.json``)."""
+    docs = [r.to_json() if hasattr(r, "to_json") else r for r in results]
+    if not docs:
+        raise ValueError("context_table_figure needs at least one contextual-insertion result")
+    cols = [f"{d['concept']}\n({d['layer']}, {len(d['units'])} unit{'s' if len(d['units']) != 1 else ''})"
+            for d in docs]
+    tables = [{row["context"]: row for row in d["table"] if row["count"] >= min_count} for d in docs]
+    contexts = sorted({c for t in tables for c in t},
+                      key=lambda c: -max(t[c]["added_fraction"] if c in t else -np.inf for t in tables))
+    vals = np.full((len(contexts), len(docs)), np.nan)
+    for j, t in enumerate(tables):
+        for i, c in enumerate(contexts):
+            if c in t:
+                vals[i, j] = t[c]["added_fraction"]
+    fig = Figure(figsize=(1.9 * len(docs) + 1.6, 0.42 * max(3, len(contexts)) + 1.2))
+    ax = fig.subplots()
+    finite = vals[np.isfinite(vals)]
+    vmax = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+    ax.imshow(np.ma.masked_invalid(vals), cmap="RdBu_r" if (finite < 0).any() else "Oranges",
+              vmin=-vmax if (finite < 0).any() else 0, vmax=vmax, aspect="auto")
+    for j, t in enumerate(tables):
+        for i, c in enumerate(contexts):
+            if c in t:
+                row = t[c]
+                half = row.get("ci95")
+                pm = f" ± {half:.3f}" if half is not None and np.isfinite(half) else ""
+                dark = abs(row["added_fraction"]) > 0.6 * vmax
+                ax.text(j, i, f"{row['added_fraction']:+.3f}{pm}\nn={row['count']}", ha="center", va="center",
+                        fontsize=7, color="white" if dark else "black")
+            else:
+                ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="gray")
+    ax.set_xticks(range(len(docs)))
+    ax.set_xticklabels(cols, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(contexts)))
+    ax.set_yticklabels(contexts, fontsize=8)
+    ax.set_ylabel("what was there (label at the cell's centre)", fontsize=8)
+    ax.set_title("fraction of image pixels of the concept added by inserting its units in one cell",
+                 fontsize=8, pad=28)
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["image_grid_figure", "unit_gallery_figure", "compare_dissections_figure", "context_table_figure"]

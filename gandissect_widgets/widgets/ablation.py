@@ -41,6 +41,9 @@ class AblationPanel(View):
                        W.HTML("<b>difference</b>"), self.diff])
         super().__init__(session, [W.HBox([self.samples, self.concept, self.mode]),
                                    W.HBox([self.topk, self.use_topk, self.clear]), self.toggles, rows, self.stats])
+        self.add_class("gd-ablation")
+        self.edited.add_class("gd-edited")
+        self.original.add_class("gd-original")
         self.samples.observe(self.safely(self._samples_changed), names="value")
         self.concept.observe(self.safely(lambda ch: s.update(concept=ch["new"])), names="value")
         self.mode.observe(self.safely(lambda ch: s.update(mode=ch["new"])), names="value")
@@ -92,6 +95,7 @@ class AblationPanel(View):
             for u in cands:
                 t = W.ToggleButton(value=u in sel, description=str(u), tooltip=f"unit {u}",
                                    layout=W.Layout(width="46px"))
+                t.add_class("gd-unit-toggle")
                 t.observe(self.safely(lambda ch, u=u: self.toggle(u, ch["new"])), names="value")
                 self._toggles[u] = t
             self.toggles.children = list(self._toggles.values())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import threading
 import time
 
 import ipywidgets as W
@@ -30,13 +31,24 @@ class View(W.VBox):
         self.add_class("gandissect-view")
 
     def _set_busy(self, flag):
+        """Show "rendering…" only when a render takes longer than BUSY_AFTER (fast ones don't flicker)."""
         if flag:
-            self._busy_since = time.monotonic()
-            self.status.value = '<span style="color:#777">rendering…</span>'
+            since = self._busy_since = time.monotonic()
+
+            def show():
+                if self._busy_since == since and self.last_error is None:
+                    self.status.value = '<span style="color:#777">rendering…</span>'
+            timer = threading.Timer(BUSY_AFTER, show)
+            timer.daemon = True
+            timer.start()
         else:
             self._busy_since = None
             if self.last_error is None:
                 self.status.value = ""
+
+    @property
+    def busy(self) -> bool:
+        return self._busy_since is not None
 
     def _show_error(self, exc, text=""):
         self.last_error = exc

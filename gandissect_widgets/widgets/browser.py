@@ -42,6 +42,7 @@ class UnitBrowser(View):
                               W.HTML("<b>activation heatmaps</b>"), self.detail_heat],
                              layout=W.Layout(border="1px solid #ddd", padding="4px", min_width="380px"))
         self.cards: dict[int, W.VBox] = {}
+        self.add_class("gd-browser")
         controls = W.HBox([self.layer, self.sort, self.filter, self.interp_only, self.page])
         super().__init__(session, [controls, W.HBox([self.grid, self.detail])])
         for w in (self.layer, self.sort, self.filter, self.interp_only):
@@ -112,7 +113,7 @@ class UnitBrowser(View):
             btn = W.Button(description=text, tooltip=f"show unit {u}", layout=W.Layout(width="auto"))
             btn.on_click(self.safely(lambda b, u=u: self.session.update(unit=u)))
             card = W.VBox([img, btn])
-            card.add_class("gandissect-unit-card")
+            card.add_class("gd-unit-card")
             self.cards[u] = card
             children.append(card)
         self.grid.children = children

@@ -13,7 +13,6 @@ import ipywidgets as W
 import numpy as np
 from ipycanvas import MultiCanvas, hold_canvas
 
-from gandissect_widgets.engine.imaging import to_uint8
 from gandissect_widgets.engine.io import atomic_write_bytes
 from gandissect_widgets.widgets.base import View, image_widget
 from gandissect_widgets.widgets.encode import encode_image, enlarge
@@ -82,6 +81,9 @@ class PaintWidget(View):
         controls = W.VBox([self.sample, self.concept, self.layer, self.mode, self.brush, self.units,
                            W.HBox([self.undo_btn, self.reset_btn]), W.HBox([self.export_path, self.export_btn])])
         super().__init__(session, [W.HBox([self.canvas, controls, W.VBox([W.HTML("<b>result</b>"), self.result])])])
+        self.add_class("gd-paint")
+        self.canvas.add_class("gd-paint-canvas")
+        self.result.add_class("gd-paint-result")
         top = self.canvas[1]
         top.on_mouse_down(self.safely(self.mouse_down))
         top.on_mouse_move(self.safely(self.mouse_move))
