@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default for sceneworld: its renders")
     p.add_argument("--reference-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=6)
+
+    from gandissect_widgets.report.html import add_parser as add_report_parser
+    add_report_parser(sub)
     return parser
 
 
@@ -160,10 +163,11 @@ def cmd_models(a):
 
 def main(argv=None) -> int:
     from gandissect_widgets import causal_cli
+    from gandissect_widgets.report.html import cmd_report
     args = build_parser().parse_args(argv)
     commands = {"dissect": cmd_dissect, "layers": cmd_layers, "models": cmd_models, "ace": causal_cli.cmd_ace,
                 "optimize": causal_cli.cmd_optimize, "context": causal_cli.cmd_context,
-                "artifacts": causal_cli.cmd_artifacts}
+                "artifacts": causal_cli.cmd_artifacts, "report": cmd_report}
     try:
         commands[args.command](args)
     except (KeyError, ValueError, TypeError, FileNotFoundError, ImportError) as e:

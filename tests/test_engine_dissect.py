@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import gandissect_widgets as gw
 from gandissect_widgets.engine.hooks import TraceDict
+from gandissect_widgets.engine.upsample import upsample
 from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram, dedupe_channels
 from tiny import TinyGenerator, TinySegmenter
 
@@ -19,8 +20,8 @@ def brute_force(G, S, layers, n, seed):
     if seg.dim() == 3:
         seg = seg[:, None]
     H, W = seg.shape[-2:]
-    ups = {l: F.interpolate(tr[l].output, size=(H, W), mode="bilinear", align_corners=False) for l in layers}
-    return ups, seg
+    ups = {l: upsample(tr[l].output, (H, W)) for l in layers}
+    return ups, seg, {l: tr[l].output for l in layers}
 
 
 def exact_iou(up, seg, thresholds, C):
@@ -43,7 +44,7 @@ def test_matches_brute_force(half, channels):
     layers = ["layer1", "layer2", "layer3"]
     n = 150
     d = gw.dissect(G, S, layers, n_samples=n, seed=3, batch_size=32, progress=False, pilot_samples=40)
-    ups, seg = brute_force(G, S, layers, n, 3)
+    ups, seg, raws = brute_force(G, S, layers, n, 3)
     for l in layers:
         up = ups[l]
         U = up.shape[1]
@@ -65,10 +66,12 @@ def test_matches_brute_force(half, channels):
         for u in range(U):
             order = np.lexsort((np.arange(n), -mx[:, u].numpy()))[:20]
             np.testing.assert_array_equal(d.topk(l)[u], order)
-        # moments
-        np.testing.assert_allclose(d.array(l, "mean"), flat.double().mean(1).numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(d.array(l, "std"), flat.double().std(1).numpy(), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(d.array(l, "max"), flat.amax(1).numpy(), rtol=1e-6)
+        # moments, on the layer's own grid
+        raw = raws[l].transpose(0, 1).reshape(U, -1).double()
+        np.testing.assert_allclose(d.array(l, "mean"), raw.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d.array(l, "std"), raw.std(1).numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(d.array(l, "max"), raw.amax(1).numpy(), rtol=1e-6)
+        assert np.all(d.array(l, "max") >= flat.amax(1).numpy() - 1e-6)  # bounds the upsampled maps
         # derived views
         labels = d.unit_label_ids(l)
         assert np.all(labels == 1 + np.argmax(ref[:, 1:], 1))
@@ -102,7 +105,7 @@ def test_refinement_when_pilot_is_unrepresentative():
 
     G, S = Shifted(), TinySegmenter()
     d = gw.dissect(G, S, ["layer1"], n_samples=120, seed=0, batch_size=16, progress=False, pilot_samples=8)
-    ups, seg = brute_force(G, S, ["layer1"], 120, 0)
+    ups, seg, _ = brute_force(G, S, ["layer1"], 120, 0)
     up = ups["layer1"]
     flat = up.transpose(0, 1).reshape(up.shape[1], -1)
     frac = (flat > torch.from_numpy(d.thresholds("layer1"))[:, None]).float().mean(1).numpy()
@@ -158,3 +161,11 @@ def test_topk_ties_go_to_smaller_index():
     t.add(torch.tensor([[1.0], [2.0], [2.0], [1.0]]), torch.tensor([0, 1, 2, 3]))
     t.add(torch.tensor([[2.0]]), torch.tensor([4]))
     assert t.indices.tolist() == [[1, 2, 4]]
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 8, 8), (64, 64)), ((1, 2, 7, 5), (32, 30)), ((1, 1, 1, 1), (8, 8)),
+                                        ((2, 2, 4, 4), (4, 4)), ((1, 3, 16, 16), (8, 8))])
+def test_upsample_is_bilinear_half_pixel(shape, size):
+    r = torch.randn(*shape)
+    ref = F.interpolate(r, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample(r, size), ref, atol=2e-6, rtol=1e-5)

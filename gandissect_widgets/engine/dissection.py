@@ -42,6 +42,7 @@ __all__ = ["dissect", "ENGINE_VERSION"]
 
 ENGINE_VERSION = 1
 _CHUNK_ELEMENTS = 1 << 25  # upsampled values held at once per layer
+_PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
 
 
 def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, quantile: float = 0.99,
@@ -274,8 +275,13 @@ class _Run:
 
     def pilot_pass(self, batches, bar):
         values = {name: [] for name in self.layers}
+        self.pilot_acts, held = {}, 0
         for i0, i1 in batches:
             acts, seg = self.forward(i0, i1)
+            size = sum(a.numel() * a.element_size() for a in acts.values())
+            if held + size <= _PILOT_CACHE_BYTES and i1 - i0 == self.bs:  # main pass reuses them
+                self.pilot_acts[i0] = acts
+                held += size
             H, W = self.seg_grid
             S = min(self.pilot_pixels, H * W)
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
@@ -300,7 +306,12 @@ class _Run:
         for b in range(self.next_batch, len(batches)):
             i0, i1 = batches[b]
             try:
-                acts, seg = self.forward(i0, i1)
+                cached = getattr(self, "pilot_acts", {}).pop(i0, None)
+                if cached is not None and i1 <= self.segmented:
+                    acts = cached
+                    seg = torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
+                else:
+                    acts, seg = self.forward(i0, i1)
             except BaseException:
                 self.save_checkpoint()  # statistics are whole: nothing of this batch was added
                 raise
@@ -316,22 +327,14 @@ class _Run:
         ids = torch.arange(i0, i1, device=self.device)
         for name, st in stats.items():
             r = acts[name]
-            U = r.shape[1]
-            bstats = torch.zeros(4, U, dtype=torch.float64, device=self.device)
-            maxima = torch.empty(i1 - i0, U, device=self.device)
+            if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
+                st.moments.add(r.float())
+                maxima = torch.empty(i1 - i0, r.shape[1], device=self.device)
             for u0, up in _chunks(r, self.seg_grid):
-                u1 = u0 + up.shape[1]
                 if moments:
-                    m = up.mean((0, 2, 3))
-                    bstats[0, u0:u1] = m.double()
-                    bstats[1, u0:u1] = ((up - m.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3)).double()
-                    bstats[2, u0:u1] = up.amin((0, 2, 3)).double()
-                    bstats[3, u0:u1] = up.amax((0, 2, 3)).double()
-                    maxima[:, u0:u1] = up.amax((2, 3))
+                    maxima[:, u0:u0 + up.shape[1]] = up.amax((2, 3))
                 st.hist.add(up, seg, unit_offset=u0, count_concepts=(u0 == 0))
             if moments:
-                n = torch.tensor(float((i1 - i0) * self.seg_grid[0] * self.seg_grid[1]), dtype=torch.float64)
-                st.moments._combine(n, bstats[0], bstats[1], bstats[2], bstats[3])
                 st.topk.add(maxima, ids)
 
     def refine(self, max_rounds: int = 4):

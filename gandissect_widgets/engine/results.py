@@ -15,7 +15,7 @@ Per layer (U units, C = len(labels) concepts, k top samples):
     fraction_above (U,)   float64  fraction of pixels with activation > t_u (target 1 - quantile)
     topk_indices   (U, k) int64    sample indices, by descending max activation
     topk_values    (U, k) float32  those max activations (upsampled maps)
-    mean, std, min, max (U,) float64  of the upsampled activations
+    mean, std, min, max (U,) float64  of the activations (layer grid)
     shape          (3,)   int64    the layer's output shape (C, h, w)
 """
 from __future__ import annotations

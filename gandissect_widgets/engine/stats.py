@@ -203,22 +203,26 @@ class TailHistogram:
             self.n_pixels += N * H * W
             self.concept_pixels += torch.bincount(seg.reshape(-1), minlength=C1)[:C1]
         low = self.edges[unit_offset:unit_offset + Uc, 0].to(acts.dtype)
-        mask = acts > low.view(1, Uc, 1, 1)
-        nz = mask.nonzero()
-        if nz.shape[0] == 0:
+        flat = (acts > low.view(1, Uc, 1, 1)).view(-1).nonzero().squeeze(1)  # the tail, a few %
+        if flat.numel() == 0:
             return
-        vals = acts[mask].double().clamp(self._gmin - 1, self._gmax + 1)
-        u = nz[:, 1] + unit_offset
-        g = torch.searchsorted(self._flat, vals + u.double() * self._offset)
-        b = g - u * B  # in 1..B
-        hb = u * (B + 1) + b
-        self.hist += torch.bincount(hb, minlength=self.units * (B + 1)).view(self.units, B + 1)
-        n_i, y, x = nz[:, 0], nz[:, 2], nz[:, 3]
+        vals = acts.reshape(-1)[flat].double().clamp(self._gmin - 1, self._gmax + 1)
+        HW = H * W
+        n_i = flat // (Uc * HW)
+        rem = flat - n_i * (Uc * HW)
+        u = rem // HW + unit_offset
+        pix = rem % HW
+        b = torch.searchsorted(self._flat, vals + u.double() * self._offset) - u * B  # bin, 1..B
+        ub = u * (C1 * (B + 1)) + b
+        K = seg.shape[1]
+        seg_flat = seg.reshape(-1)
         size = self.units * C1 * (B + 1)
-        for k in range(seg.shape[1]):
-            lab = seg[n_i, k, y, x]
-            idx = (u * C1 + lab) * (B + 1) + b
-            self.joint += torch.bincount(idx, minlength=size).view(self.units, C1, B + 1)
+        for k in range(K):
+            lab = seg_flat[(n_i * K + k) * HW + pix]
+            counts = torch.bincount(ub + lab * (B + 1), minlength=size).view(self.units, C1, B + 1)
+            self.joint += counts
+            if k == 0:  # channel 0 labels every pixel (0 -> void): its counts summed over labels are the histogram
+                self.hist += counts.sum(1)
 
     # -- readout -------------------------------------------------------------------------------
     def counts_above(self) -> torch.Tensor:
