@@ -263,22 +263,15 @@ class Session:
         return [int(u) for u in self._need_dissection().ranking(layer, concept)[:k]]
 
     # -- unit views ----------------------------------------------------------------------------
-    def dissection_latents(self, indices) -> tuple[list[int], int]:
-        d = self._need_dissection()
-        return list(indices), int(d.settings.get("seed", 1))
-
     def unit_maps(self, layer: str, unit: int, indices: Sequence[int], seed: int | None = None):
         """(upsampled activation maps (N,H,W), masks at the dissection's threshold, images uint8)."""
         d = self._need_dissection()
         with self.lock:
-            z = self.latents(indices, seed)
             x = self.render(indices, [], seed)
             seg_hw = segment(self.segmenter, x[:1]).shape[-2:]
             r = self.activation(layer, indices, seed)[:, unit:unit + 1]
             up = upsample(r.float(), seg_hw)[:, 0].cpu().numpy()
-        del z
-        thr = float(d.thresholds(layer)[unit])
-        return up, up > thr, to_uint8(x)
+        return up, up > float(d.thresholds(layer)[unit]), to_uint8(x)
 
     def unit_top_samples(self, layer: str, unit: int, k: int = 5) -> list[int]:
         d = self._need_dissection()

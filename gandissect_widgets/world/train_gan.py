@@ -1,0 +1,217 @@
+"""Train the SceneWorld GAN on freshly rendered scenes (images only, no labels).
+
+    python -m gandissect_widgets.world.train_gan --out /tmp/run --steps 12000 --seed 0
+
+Hinge loss, spectral-normalised discriminator, Adam, an exponential moving average (EMA) of
+the generator weights. Every step renders a new batch (scenes ``step*B ... step*B+B-1`` of
+world seed ``1000 + seed``), so a resumed run sees exactly the data it would have seen.
+Writes into ``--out``:
+    checkpoint.pt          everything needed to resume (atomic, every --checkpoint-minutes)
+    log.txt                step, time, losses
+    samples_XXXXXX.png     EMA samples of fixed latents while training, samples_latest.png
+    generator.pt           final EMA generator state_dict (float16)
+    generator.json         the record: command, seed, steps, batch size, wall time, machine
+    generator_samples.png  a grid of final EMA samples
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+from .render import render, to_tensor
+from ._training import (atomic_torch_save, command_line, machine_info, save_grid,
+                        write_record, Timer, StopSignal, args_command)
+from .gan import SceneGenerator, SceneDiscriminator, DEFAULT_WIDTHS, ZDIM
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--out', required=True, help='run directory')
+    p.add_argument('--steps', type=int, default=12000)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.pt')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--lr-g', type=float, default=2e-4)
+    p.add_argument('--lr-d', type=float, default=2e-4)
+    p.add_argument('--beta1', type=float, default=0.0)
+    p.add_argument('--beta2', type=float, default=0.99)
+    p.add_argument('--ema', type=float, default=0.999)
+    p.add_argument('--widths', default=','.join(map(str, DEFAULT_WIDTHS)))
+    p.add_argument('--d-widths', default='24,48,96,192')
+    p.add_argument('--threads', type=int, default=0,
+                   help='torch threads; 0: adaptive, every 300 steps time 1 and all cores '
+                        'and keep the faster (the CPU may be shared)')
+    p.add_argument('--checkpoint-minutes', type=float, default=4.0)
+    p.add_argument('--sample-every', type=int, default=500)
+    p.add_argument('--log-every', type=int, default=50)
+    return p.parse_args(argv)
+
+
+class ThreadChooser:
+    """Adaptive torch thread count on a shared CPU: every ``period`` steps, time ``probe``
+    steps with one thread and with all cores, and keep the faster until the next probe."""
+
+    def __init__(self, fixed, period=300, probe=15):
+        self.fixed = fixed
+        self.period, self.probe = period, probe
+        self.options = sorted({1, os.cpu_count() or 1})
+        self.times = {}
+        self.current = None
+
+    def before(self, step):
+        if self.fixed or len(self.options) == 1:
+            return
+        phase = step % self.period
+        k = phase // self.probe
+        if k < len(self.options):
+            self.current = self.options[k]
+            if phase % self.probe == 0:
+                self.times[self.current] = []
+            torch.set_num_threads(self.current)
+        elif k == len(self.options) and phase % self.probe == 0 and self.times:
+            best = min(self.times, key=lambda t: sorted(self.times[t])[len(self.times[t]) // 2]
+                       if self.times[t] else float('inf'))
+            torch.set_num_threads(best)
+            self.current = None
+
+    def after(self, seconds):
+        if self.current is not None:
+            self.times.setdefault(self.current, []).append(seconds)
+
+
+def real_batch(step, batch_size, seed, device):
+    images, _ = render(batch_size, seed=1000 + seed, start=step * batch_size)
+    return to_tensor(images).to(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = ThreadChooser(args.threads)
+    device = torch.device(args.device)
+    widths = [int(w) for w in args.widths.split(',')]
+    d_widths = [int(w) for w in args.d_widths.split(',')]
+    torch.manual_seed(args.seed)
+    G = SceneGenerator(ZDIM, widths).to(device)
+    D = SceneDiscriminator(d_widths, resolution=G.resolution).to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
+    zgen = torch.Generator().manual_seed(args.seed)
+    step = 0
+    timer = Timer()
+    commands = []
+    ckpt_path = os.path.join(args.out, 'checkpoint.pt')
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        G.load_state_dict(ck['G'])
+        D.load_state_dict(ck['D'])
+        G_ema.load_state_dict(ck['G_ema'])
+        opt_g.load_state_dict(ck['opt_g'])
+        opt_d.load_state_dict(ck['opt_d'])
+        zgen.set_state(ck['zgen'])
+        step = int(ck['step'])
+        timer = Timer(float(ck['wall_time']))
+        commands = list(ck.get('commands') or [args_command(ck['args'])])
+        print(f'resumed from {ckpt_path} at step {step}', flush=True)
+    elif args.resume:
+        print(f'--resume: no checkpoint at {ckpt_path}, starting from scratch', flush=True)
+    nparams = sum(p.numel() for p in G.parameters())
+    print(f'G {nparams} params, D {sum(p.numel() for p in D.parameters())} params, '
+          f'{torch.get_num_threads()} threads', flush=True)
+
+    fixed_z = G.sample_z(64, seed=0).to(device)
+    log = open(os.path.join(args.out, 'log.txt'), 'a')
+
+    def checkpoint():
+        atomic_torch_save(dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),
+                               opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
+                               zgen=zgen.get_state(), step=step, wall_time=timer.elapsed,
+                               commands=commands + [command_line()],
+                               args=vars(args)), ckpt_path)
+
+    def samples(name):
+        with torch.no_grad():
+            x = G_ema(fixed_z)
+        save_grid(x, os.path.join(args.out, name), scale=2)
+
+    last_ckpt = time.time()
+    B = args.batch_size
+    acc = dict(ld=0.0, lg=0.0, real=0.0, fake=0.0, n=0)
+    stopper = StopSignal()
+    while step < args.steps and not stopper.stop:
+        threads.before(step)
+        t_step = time.time()
+        real = real_batch(step, B, args.seed, device)
+        z = torch.randn(B, G.zdim, generator=zgen).to(device)
+        fake = G(z)
+        # discriminator: hinge loss on real and (detached) fake in one pass
+        out = D(torch.cat([real, fake.detach()]))
+        loss_d = torch.relu(1 - out[:B]).mean() + torch.relu(1 + out[B:]).mean()
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        # generator: through the updated discriminator
+        D.requires_grad_(False)
+        loss_g = -D(fake).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+        # EMA of generator weights (warm-up: shorter memory early on)
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(G_ema.parameters(), G.parameters()):
+                pe.lerp_(p, 1 - decay)
+        step += 1
+        threads.after(time.time() - t_step)
+        acc['ld'] += loss_d.item()
+        acc['lg'] += loss_g.item()
+        acc['real'] += out[:B].mean().item()
+        acc['fake'] += out[B:].mean().item()
+        acc['n'] += 1
+        if step % args.log_every == 0 or step == args.steps:
+            n = acc.pop('n')
+            line = (f'step {step} time {timer.elapsed:.0f}s threads {torch.get_num_threads()} '
+                    f'loss_d {acc["ld"] / n:.3f} '
+                    f'loss_g {acc["lg"] / n:.3f} D(real) {acc["real"] / n:.3f} '
+                    f'D(fake) {acc["fake"] / n:.3f}')
+            print(line, flush=True)
+            log.write(line + '\n')
+            log.flush()
+            acc = dict(ld=0.0, lg=0.0, real=0.0, fake=0.0, n=0)
+        if step % args.sample_every == 0:
+            samples(f'samples_{step:06d}.png')
+            samples('samples_latest.png')
+        if time.time() - last_ckpt > 60 * args.checkpoint_minutes:
+            checkpoint()
+            last_ckpt = time.time()
+    checkpoint()
+    if stopper.stop:
+        print(f'stopped at step {step}; resume with --resume', flush=True)
+        return
+    samples('generator_samples.png')
+    state = {k: v.detach().cpu().half() for k, v in G_ema.state_dict().items()}
+    atomic_torch_save(state, os.path.join(args.out, 'generator.pt'))
+    write_record(os.path.join(args.out, 'generator.json'), dict(
+        what='SceneWorld generator: EMA weights (float16 state_dict of SceneGenerator)',
+        command=command_line(), commands=commands + [command_line()],
+        seed=args.seed, steps=step, batch_size=B,
+        data=f'render(B, seed={1000 + args.seed}, start=step*B), fresh every step',
+        wall_time_s=round(timer.elapsed, 1), device=str(device), machine=machine_info(),
+        torch=torch.__version__, model=G.config(), parameters=nparams,
+        discriminator=dict(widths=d_widths),
+        optimizer=dict(lr_g=args.lr_g, lr_d=args.lr_d, betas=[args.beta1, args.beta2],
+                       loss='hinge', ema=args.ema),
+        samples='generator_samples.png: EMA samples of sample_z(64, seed=0)'))
+    log.close()
+    print(f'done: {step} steps in {timer.elapsed:.0f}s, wrote {args.out}/generator.pt', flush=True)
+
+
+if __name__ == '__main__':
+    main()
