@@ -21,7 +21,7 @@ import torch.nn.functional as F
 __all__ = ['SceneGenerator', 'SceneDiscriminator', 'load_generator', 'WEIGHTS_DIR',
            'DEFAULT_WIDTHS', 'ZDIM']
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+from .shipped import WEIGHTS_DIR  # noqa: E402
 ZDIM = 128
 DEFAULT_WIDTHS = (128, 128, 128, 128, 64, 64, 32, 32, 16, 16)
 
@@ -142,23 +142,9 @@ class SceneDiscriminator(nn.Module):
 
 def load_generator(device='cpu', checkpoint=None):
     """The shipped SceneWorld generator (or the state_dict at ``checkpoint``), in eval mode
-    with ``requires_grad`` False on its parameters.
-
-    The architecture is read from the ``.json`` record next to the weights when there is one
-    (keys ``zdim`` and ``widths``), else the defaults are used.
-    """
-    import json
-    path = checkpoint or os.path.join(WEIGHTS_DIR, 'generator.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'load_generator: no generator weights at {path!r}; train '
-                                f'them with `python -m gandissect_widgets.world.train_gan`')
-    config = {}
-    record = os.path.splitext(path)[0] + '.json'
-    if os.path.exists(record):
-        with open(record) as f:
-            config = json.load(f).get('model', {})
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    G = SceneGenerator(zdim=config.get('zdim', ZDIM), widths=config.get('widths', DEFAULT_WIDTHS))
-    G.load_state_dict({k: v.float() for k, v in state.items()})
-    G.eval().requires_grad_(False)
-    return G.to(device)
+    with ``requires_grad`` False on its parameters; architecture from the ``.json`` record
+    next to the weights (keys ``zdim`` and ``widths``), else the defaults."""
+    from .shipped import load_shipped
+    return load_shipped('generator', lambda c: SceneGenerator(zdim=c.get('zdim', ZDIM),
+                                                              widths=c.get('widths', DEFAULT_WIDTHS)),
+                        device, checkpoint, 'train_gan')

@@ -8,7 +8,6 @@
 GroupNorm only (no batch statistics), so a label map is deterministic and independent of
 the rest of the batch. Input sides must be multiples of 8 (64x64 is what it was trained on).
 """
-import json
 import os
 
 import torch
@@ -19,7 +18,7 @@ from .render import LABELS
 
 __all__ = ['SceneSegmenter', 'load_segmenter', 'DEFAULT_SEG_WIDTHS']
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+from .shipped import WEIGHTS_DIR  # noqa: E402
 DEFAULT_SEG_WIDTHS = (16, 32, 64, 96)
 
 
@@ -92,18 +91,7 @@ class SceneSegmenter(nn.Module):
 def load_segmenter(device='cpu', checkpoint=None):
     """The shipped SceneWorld segmenter (or the state_dict at ``checkpoint``), in eval mode
     with ``requires_grad`` False on its parameters (gradients still flow to the input)."""
-    path = checkpoint or os.path.join(WEIGHTS_DIR, 'segmenter.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'load_segmenter: no segmenter weights at {path!r}; train '
-                                f'them with `python -m gandissect_widgets.world.train_segmenter`')
-    config = {}
-    record = os.path.splitext(path)[0] + '.json'
-    if os.path.exists(record):
-        with open(record) as f:
-            config = json.load(f).get('model', {})
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    S = SceneSegmenter(widths=config.get('widths', DEFAULT_SEG_WIDTHS),
-                       num_classes=config.get('num_classes', len(LABELS)))
-    S.load_state_dict({k: v.float() for k, v in state.items()})
-    S.eval().requires_grad_(False)
-    return S.to(device)
+    from .shipped import load_shipped
+    return load_shipped('segmenter', lambda c: SceneSegmenter(widths=c.get('widths', DEFAULT_SEG_WIDTHS),
+                                                              num_classes=c.get('num_classes', len(LABELS))),
+                        device, checkpoint, 'train_segmenter')
