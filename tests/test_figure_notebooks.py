@@ -1,7 +1,7 @@
 """The figure notebooks and the teaching notebook run top to bottom (nbclient) and write their figures.
 
-They run on the planted world by default (seconds each); ``GANDISSECT_NOTEBOOK_GENERATOR=sceneworld
-python -m pytest tests/test_figure_notebooks.py`` runs them on SceneWorld, as a user would.  Each
+They run on the default world, SceneWorld, as a user would (a few minutes in all on 2 cores);
+``GANDISSECT_NOTEBOOK_GENERATOR=planted`` runs them on the planted world in seconds.  Each
 notebook runs in its own empty directory; all share one dissection cache (a temporary
 ``$GANDISSECT_CACHE``), as the notebooks share ``~/.cache/gandissect-widgets/figures``.
 """
@@ -16,7 +16,7 @@ from gandissect_widgets.teaching import QUESTIONS, check_answer, pick_unit, true
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
-WORLD = os.environ.get("GANDISSECT_NOTEBOOK_GENERATOR", "planted")
+WORLD = os.environ.get("GANDISSECT_NOTEBOOK_GENERATOR", "sceneworld")
 FIGURES = {  # notebook -> the figures it must write (PNG and PDF each)
     "01_unit_gallery.ipynb": ["01_unit_gallery"],
     "02_interpretable_units_per_layer.ipynb": ["02_interpretable_units_per_layer"],
