@@ -180,3 +180,9 @@ def test_cli_causal_commands(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["artifacts", *common, "--samples", "40", "--out", str(out)])
     assert rc == 2 and "give --reference" in capsys.readouterr().err
+
+
+def test_results_with_nan_write_strict_json(tmp_path):
+    from gandissect_widgets.engine.io import atomic_write_json
+    atomic_write_json(tmp_path / "r.json", {"ci": [float("nan"), 1.0], "n": np.int64(2), "x": np.float32(0.5)})
+    assert json.load(open(tmp_path / "r.json")) == {"ci": [None, 1.0], "n": 2, "x": 0.5}

@@ -42,8 +42,21 @@ def atomic_write_bytes(path, data: bytes):
         raise
 
 
+def json_clean(obj):
+    """NaN and infinities become null (strict JSON); numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {k: json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(json_clean(obj), indent=1, allow_nan=False) + "\n").encode())
 
 
 def atomic_save_npz(path, arrays: dict):
