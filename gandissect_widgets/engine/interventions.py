@@ -20,7 +20,7 @@ import torch
 
 from gandissect_widgets.engine.hooks import (Edit, TraceDict, can_run_from, edit_layers, resolve_layers,
                                              run_from)
-from gandissect_widgets.engine.protocols import fingerprint, model_device, sample_latents, segment
+from gandissect_widgets.engine.protocols import model_device, sample_latents, segment
 from gandissect_widgets.engine.upsample import pool_mask
 
 __all__ = ["Intervention", "render", "layer_activation", "concept_presence", "concept_index",
@@ -136,7 +136,6 @@ def render(G, z, interventions: Sequence = (), activation=None, layer=None, imag
             for e in edits:
                 r = e.apply(r)
             return run_from(G, L, r)
-        shapes = {}
         with TraceDict(G, layers, stop_after=execution_order(G, layers, z)[-1]) as tr:
             G(z[:1])
         shapes = {l: tuple(tr[l].output.shape[1:]) for l in layers}
@@ -186,7 +185,8 @@ class InsertionValues:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
 
     def key(self, layer, concept):
-        return (fingerprint(self.G), fingerprint(self.S), layer, concept, self.n_samples, self.seed, self.mode, self.q)
+        # G and S are fixed for this instance: hashing their weights here would cost every re-render
+        return (layer, concept, self.n_samples, self.seed, self.mode, self.q)
 
     def __call__(self, layer: str, concept) -> torch.Tensor:
         """(C,) insertion value of every unit of ``layer`` for ``concept``."""

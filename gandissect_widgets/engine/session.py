@@ -259,6 +259,13 @@ class Session:
             values = self.insertion_values(layer, concept)[torch.as_tensor(list(units), dtype=torch.long)]
         return Intervention(layer, list(units), mode, values=values, region=region)
 
+    def unit_ace(self, layer: str, concept, n_samples: int = 32) -> np.ndarray:
+        """(U,) single-unit ACE with this session's insertion values (slow: 2U partial renders per batch)."""
+        from gandissect_widgets.engine.ace import unit_ace
+        with self.lock:
+            return unit_ace(self.generator, self.segmenter, layer, concept, n_samples=n_samples,
+                            insertion=self._insertion, progress=False)
+
     def top_units(self, layer: str, concept, k: int) -> list[int]:
         return [int(u) for u in self._need_dissection().ranking(layer, concept)[:k]]
 

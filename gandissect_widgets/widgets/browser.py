@@ -129,11 +129,10 @@ class UnitBrowser(View):
     def _detail(self, layer, unit):
         s = self.session
         d = s.dissection
-        g = s.unit_gallery(layer, [unit], 8)[unit]
-        imgs, masks, maps = g
-        hist_maps = s.unit_gallery(layer, [unit], 20)[unit][2]
+        imgs, masks, all_maps = s.unit_gallery(layer, [unit], 20)[unit]  # one render for both views
+        imgs, masks, maps = imgs[:8], masks[:8], all_maps[:8]
         iou_png = figure_png(unit_iou_figure(d, layer, unit))
-        hist_png = figure_png(unit_histogram_figure(hist_maps.reshape(-1), float(d.thresholds(layer)[unit]), unit))
+        hist_png = figure_png(unit_histogram_figure(all_maps.reshape(-1), float(d.thresholds(layer)[unit]), unit))
         samples_png = encode_image(strip(overlay_mask(imgs, masks)), "png", self.scale)
         lo, hi = float(maps.min()), float(maps.max())
         heat_png = encode_image(strip(np.stack([heatmap(m, lo, hi) for m in maps])), "png", self.scale)

@@ -83,12 +83,10 @@ class IouRanking(View):
         s.update(layer=self.layer.value, concept=self.concept.value, selection=self.chosen())
 
     def run_ace(self):
-        from gandissect_widgets.engine.ace import unit_ace
         s, L, c = self.session, self.layer.value, self.concept.value
 
         def job():
-            with s.lock:
-                return unit_ace(s.generator, s.segmenter, L, c, n_samples=32, insertion=s._insertion, progress=False)
+            return s.unit_ace(L, c, n_samples=32)
 
         def done(values):
             s.update(ace={**s.ace, (L, c): values})
