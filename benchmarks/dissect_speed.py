@@ -2,6 +2,7 @@
 
     python benchmarks/dissect_speed.py [--generator sceneworld] [--segmenter sceneworld]
                                        [--layers layer3 layer4 layer5 layer6] [--samples 512] [--device cpu]
+                                       [--threads T]
 
 Prints the device, (a) and (b) in seconds over the same N samples, the ratio (b)/(a) (target
 <= 1.3), and the peak memory of dissect() at N and 4N samples, each measured in a fresh
@@ -53,6 +54,8 @@ def run_dissect(G, S, a, n):
 
 
 def child(a):
+    if a.threads:
+        torch.set_num_threads(a.threads)
     G, S = load(a)
     if str(a.device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -71,7 +74,7 @@ def child(a):
 def spawn(a, what, n):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--samples", str(n),
            "--generator", a.generator, "--segmenter", a.segmenter, "--device", a.device,
-           "--batch-size", str(a.batch_size), "--layers", *a.layers]
+           "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--layers", *a.layers]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -84,12 +87,13 @@ def main():
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--child", default=None)
     a = p.parse_args()
     if a.child:
         return child(a)
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or platform.machine()
-    print(f"device: {a.device} ({dev}); torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"device: {a.device} ({dev}); torch {torch.__version__}; threads {a.threads or torch.get_num_threads()}")
     print(f"generator {a.generator}, segmenter {a.segmenter}, layers {' '.join(a.layers)}, "
           f"N={a.samples}, batch {a.batch_size}")
     fa = spawn(a, "forward", a.samples)

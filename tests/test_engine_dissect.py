@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import gandissect_widgets as gw
 from gandissect_widgets.engine.hooks import TraceDict
-from gandissect_widgets.engine.upsample import upsample
+from gandissect_widgets.engine.upsample import upsample, upsample_above, upsample_at, upsample_max, upsample_pixels
 from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram, dedupe_channels
 from tiny import TinyGenerator, TinySegmenter
 
@@ -169,3 +169,27 @@ def test_upsample_is_bilinear_half_pixel(shape, size):
     r = torch.randn(*shape)
     ref = F.interpolate(r, size=size, mode="bilinear", align_corners=False)
     torch.testing.assert_close(upsample(r, size), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,size", [((3, 5, 8, 8), (64, 64)), ((2, 4, 7, 5), (32, 30)), ((2, 3, 16, 16), (64, 64)),
+                                        ((2, 3, 16, 16), (8, 8)), ((1, 2, 1, 1), (8, 8)), ((2, 3, 5, 9), (11, 40))])
+def test_sparse_readers_agree_with_upsample_bit_for_bit(shape, size):
+    """The tail, the maxima and chosen pixels are read without the whole map, and equal it."""
+    g = torch.Generator().manual_seed(sum(shape) + size[0])
+    r = torch.randn(*shape, generator=g)
+    r[0, 0] = 0.5  # a flat map: its maximum is everywhere, its tail is empty above 0.5
+    up = upsample(r, size)
+    full = up.flatten(2)
+    C = shape[1]
+    for q in (0.0, 0.9, 0.99):
+        low = torch.quantile(up.transpose(0, 1).reshape(C, -1), q, dim=1)
+        n, c, pix, v = upsample_above(r, size, low)
+        above = full > low.view(1, -1, 1)
+        assert n.numel() == int(above.sum())
+        assert torch.equal(full[n, c, pix], v)  # the same values, bit for bit
+        assert bool(above[n, c, pix].all())
+    torch.testing.assert_close(upsample_max(r, size), full.amax(2), rtol=0, atol=1e-6)
+    pixels = torch.randint(0, size[0] * size[1], (shape[0], 17), generator=g)
+    assert torch.equal(upsample_pixels(r, size, pixels), full.gather(2, pixels[:, None].expand(-1, C, -1)))
+    rows, cols = [0, size[0] - 1, size[0] // 2], list(range(0, size[1], 3))
+    assert torch.equal(upsample_at(r, size, rows, cols), up[..., rows, :][..., cols])

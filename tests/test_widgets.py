@@ -181,3 +181,34 @@ def test_views_need_a_dissection():
     s = gw.Session(gw.load_generator("planted"), gw.load_segmenter("planted"))
     with pytest.raises(ValueError, match="needs a dissection"):
         UnitBrowser(s)
+
+
+def test_static_picture_beside_every_widget(session):
+    """Readers without widgets (nbconvert, GitHub) get a PNG of the view; snapshot() freezes
+    the current state, and follows the edits."""
+    import base64
+    from gandissect_widgets.widgets.snapshot import _as_array
+    a = AblationPanel(session)
+    bundle = a._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == a.model_id
+    png = base64.b64decode(bundle["image/png"])
+    pic = _as_array(png)
+    orig = _as_array(a.original.value)
+    # originals, edited and difference stacked: as wide as the widest, at least three tall
+    assert pic.shape[1] == orig.shape[1] and pic.shape[0] >= 3 * orig.shape[0]
+    assert np.array_equal(pic[:orig.shape[0]], orig)
+    before = a.snapshot().data
+    a.toggle(0)
+    after = a.snapshot().data
+    assert h(after) != h(before)
+    assert np.array_equal(_as_array(after)[orig.shape[0] + 6:2 * orig.shape[0] + 6], _as_array(a.edited.value))
+    b = UnitBrowser(session, per_page=6)
+    grid = _as_array(b.snapshot_png())
+    card = _as_array(b.grid.children[0].children[0].value)
+    assert grid.shape[1] >= 3 * card.shape[1]  # cards side by side, as the grid shows them
+    p = PaintWidget(session, sample=1, scale=4)
+    assert "image/png" in p._repr_mimebundle_()
+    s = gw.Session(gw.load_generator("planted"), gw.load_segmenter("planted"))
+    s.dissect(["layer1"], n_samples=50, progress=False)
+    empty = LayerSummary(s)
+    assert empty.snapshot_png() is not None

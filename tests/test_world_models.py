@@ -74,7 +74,7 @@ def test_generator_deterministic_and_batch_independent(G):
         again = G(z)
         alone = torch.cat([G(z[i:i + 1]) for i in range(6)])
     assert torch.equal(batch, again)
-    assert torch.allclose(batch, alone, atol=1e-5)
+    assert torch.allclose(batch, alone, atol=1e-4)  # conv algorithms differ by batch size (~2e-5)
 
 
 def test_load_segmenter_fast_and_frozen():

@@ -36,12 +36,12 @@ from gandissect_widgets.engine.protocols import (ProtocolError, check_generator,
 from gandissect_widgets.engine.results import Dissection
 from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHistogram,
                                              dedupe_channels, pilot_edges)
-from gandissect_widgets.engine.upsample import upsample
+from gandissect_widgets.engine.upsample import upsample_above, upsample_max, upsample_pixels
 
 __all__ = ["dissect", "ENGINE_VERSION"]
 
 ENGINE_VERSION = 1
-_CHUNK_ELEMENTS = 1 << 25  # upsampled values held at once per layer
+_CHUNK_ELEMENTS = 1 << 25  # upsampled values (at most) held at once per layer
 _PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
 
 
@@ -142,12 +142,22 @@ class _LayerStats:
         return self
 
 
-def _chunks(r, size):
-    """(u0, upsampled chunk) over unit chunks of a (N,U,h,w) activation."""
+def _unit_chunks(r, size):
+    """Unit ranges [u0, u1) of a (N,U,h,w) activation whose upsampled maps fit the chunk size."""
     N, U = r.shape[:2]
     per = max(1, _CHUNK_ELEMENTS // max(1, N * size[0] * size[1]))
-    for u0 in range(0, U, per):
-        yield u0, upsample(r[:, u0:u0 + per].float(), size)
+    return [(u0, min(u0 + per, U)) for u0 in range(0, U, per)]
+
+
+def _sample_maxima(r, size, topk):
+    """(N,U) per-sample maxima of the upsampled maps, computed only for the samples that can
+    enter ``topk`` (the raw maximum bounds the upsampled one); -inf for the others."""
+    r = r.float()
+    maxima = torch.full(r.shape[:2], -math.inf, device=r.device)
+    n, u = torch.nonzero(r.amax((2, 3)) >= topk.kth()[None], as_tuple=True)
+    if n.numel():
+        maxima[n, u] = upsample_max(r[n, u][:, None], size)[:, 0]
+    return maxima
 
 
 class _Run:
@@ -287,11 +297,8 @@ class _Run:
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
             idx = torch.stack([torch.randperm(H * W, generator=g)[:S] for _ in range(i1 - i0)]).to(self.device)
             for name in self.layers:
-                parts = []
-                for u0, up in _chunks(acts[name], self.seg_grid):
-                    flat = up.flatten(2)  # (N, Uc, HW)
-                    parts.append(flat.gather(2, idx[:, None, :].expand(-1, flat.shape[1], -1)))
-                v = torch.cat(parts, 1)  # (N, U, S)
+                v = torch.cat([upsample_pixels(acts[name][:, u0:u1], self.seg_grid, idx)
+                               for u0, u1 in _unit_chunks(acts[name], self.seg_grid)], 1)  # (N, U, S)
                 values[name].append(v.transpose(0, 1).reshape(v.shape[1], -1))
             bar.update(1)
         self.edges = {name: pilot_edges(torch.cat(values[name], 1), self.q, self.bins) for name in self.layers}
@@ -326,16 +333,15 @@ class _Run:
         seg = dedupe_channels(seg, self.C)
         ids = torch.arange(i0, i1, device=self.device)
         for name, st in stats.items():
-            r = acts[name]
+            r = acts[name].float()
             if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
-                st.moments.add(r.float())
-                maxima = torch.empty(i1 - i0, r.shape[1], device=self.device)
-            for u0, up in _chunks(r, self.seg_grid):
-                if moments:
-                    maxima[:, u0:u0 + up.shape[1]] = up.amax((2, 3))
-                st.hist.add(up, seg, unit_offset=u0, count_concepts=(u0 == 0))
-            if moments:
-                st.topk.add(maxima, ids)
+                st.moments.add(r)
+                st.topk.add(_sample_maxima(r, self.seg_grid, st.topk), ids)
+            st.hist.count_pixels(seg)
+            low = st.hist.edges[:, 0]
+            for u0, u1 in _unit_chunks(r, self.seg_grid):  # only the tail is ever interpolated
+                n, u, pix, v = upsample_above(r[:, u0:u1], self.seg_grid, low[u0:u1])
+                st.hist.add_tail(n, u + u0, pix, v, seg)
 
     def refine(self, max_rounds: int = 4):
         target = 1 - self.q

@@ -107,6 +107,13 @@ class RunningTopK:
         order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :self.k]
         self.values, self.indices = v.gather(1, order), ids.gather(1, order)
 
+    def kth(self) -> torch.Tensor:
+        """(U,) the k-th largest value kept so far (-inf until k values are kept): a sample
+        whose score is below it cannot enter."""
+        if self.values.shape[1] < self.k:
+            return torch.full((self.units,), -math.inf, device=self.values.device)
+        return self.values[:, -1].float()
+
     def merge(self, other: "RunningTopK"):
         if other.units != self.units:
             raise ValueError(f"cannot merge top-k of {other.units} units into {self.units}")
@@ -140,12 +147,14 @@ def dedupe_channels(seg: torch.Tensor, void: int) -> torch.Tensor:
 
 
 def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128,
-                window=(0.02, 0.008)) -> torch.Tensor:
+                window=(0.01, 0.008)) -> torch.Tensor:
     """Per-unit bin edges at the pilot's ranks around ``quantile``.
 
     values: (U, M) pilot activations.  Most edges sit at evenly spaced ranks in
     [quantile - window[0], quantile + window[1]], a few at higher ranks, so that the final
-    threshold can be read at a rank within about (window width / bins) of its target.
+    threshold can be read at a rank within about (window width / bins) of its target.  Only
+    values above the lowest edge are ever binned: the narrower the window below the quantile,
+    the less a dissection interpolates (a pilot that misses is repaired by refinement).
     """
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
@@ -156,9 +165,10 @@ def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128,
     ranks = torch.linspace(lo, hi, n_fine, dtype=torch.float64)
     above = torch.linspace(hi, 1.0, 10, dtype=torch.float64)[1:-1]
     ranks = torch.cat([ranks, above]).clamp(0, 1)
-    srt = torch.sort(values.float(), dim=1).values
-    pos = (ranks * (M - 1)).round().long().to(srt.device)
-    return srt[:, pos].contiguous()
+    pos = (ranks * (M - 1)).round().long()
+    # only the upper tail is read: select it rather than sort everything
+    top = torch.topk(values.float(), M - int(pos.min()), dim=1, sorted=True).values.flip(1)
+    return top[:, (pos - int(pos.min())).to(top.device)].contiguous()
 
 
 class TailHistogram:
@@ -198,20 +208,30 @@ class TailHistogram:
         N, Uc, H, W = acts.shape
         if seg.shape[0] != N or seg.shape[-2:] != acts.shape[-2:]:
             raise ValueError(f"labels {tuple(seg.shape)} do not match activations {tuple(acts.shape)}")
-        B, C1 = self.bins, self.concepts + 1
         if count_concepts:
-            self.n_pixels += N * H * W
-            self.concept_pixels += torch.bincount(seg.reshape(-1), minlength=C1)[:C1]
+            self.count_pixels(seg)
         low = self.edges[unit_offset:unit_offset + Uc, 0].to(acts.dtype)
         flat = (acts > low.view(1, Uc, 1, 1)).view(-1).nonzero().squeeze(1)  # the tail, a few %
-        if flat.numel() == 0:
-            return
-        vals = acts.reshape(-1)[flat].double().clamp(self._gmin - 1, self._gmax + 1)
         HW = H * W
         n_i = flat // (Uc * HW)
         rem = flat - n_i * (Uc * HW)
-        u = rem // HW + unit_offset
-        pix = rem % HW
+        self.add_tail(n_i, rem // HW + unit_offset, rem % HW, acts.reshape(-1)[flat], seg)
+
+    def count_pixels(self, seg: torch.Tensor):
+        """Count the pixels and concept pixels of a batch of deduped labels (N,K,H,W), once a batch."""
+        C1 = self.concepts + 1
+        self.n_pixels += seg.shape[0] * seg.shape[-2] * seg.shape[-1]
+        self.concept_pixels += torch.bincount(seg.reshape(-1), minlength=C1)[:C1]
+
+    def add_tail(self, n_i, u, pix, vals, seg: torch.Tensor):
+        """Add the tail values ``vals`` (each above its unit's lowest edge) of units ``u`` at
+        sample ``n_i`` (index into ``seg``) and flat pixel ``pix`` of the (H,W) grid of ``seg``
+        (N,K,H,W, deduped).  Values at or below the lowest edge must not be passed."""
+        if vals.numel() == 0:
+            return
+        B, C1 = self.bins, self.concepts + 1
+        HW = seg.shape[-2] * seg.shape[-1]
+        vals = vals.double().clamp(self._gmin - 1, self._gmax + 1)
         b = torch.searchsorted(self._flat, vals + u.double() * self._offset) - u * B  # bin, 1..B
         ub = u * (C1 * (B + 1)) + b
         K = seg.shape[1]

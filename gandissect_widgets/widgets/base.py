@@ -1,17 +1,20 @@
 """What every view shares: a Session, a status line for busy state and errors, a render worker."""
 from __future__ import annotations
 
+import base64
 import html
 import threading
 import time
 
 import ipywidgets as W
 
+from gandissect_widgets.widgets.snapshot import snapshot_png
 from gandissect_widgets.widgets.worker import LatestWins
 
 __all__ = ["View", "image_widget"]
 
 BUSY_AFTER = 0.15  # seconds before "rendering..." shows
+SNAPSHOT_WAIT = 10.0  # seconds a display waits for the first render, for its static picture
 
 
 def image_widget(**layout):
@@ -75,3 +78,29 @@ class View(W.VBox):
 
     def wait(self, timeout=60.0):
         return self.worker.wait(timeout)
+
+    # -- static pictures, for notebooks read without a kernel or saved widget state -------------
+    def snapshot_png(self, timeout: float = SNAPSHOT_WAIT) -> bytes | None:
+        """PNG of what the view shows now (its images, laid out like the view), after the
+        render in flight; None before anything was rendered."""
+        self.wait(timeout)
+        return snapshot_png(self)
+
+    def snapshot(self):
+        """The view's current state as a static image: the last expression of a cell, it stays
+        in the saved notebook whatever happens to the widgets (figure notebooks, exports)."""
+        from IPython.display import Image
+        png = self.snapshot_png()
+        if png is None:
+            raise RuntimeError(f"{type(self).__name__} has rendered nothing yet")
+        return Image(data=png, format="png")
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget, plus a PNG of its first render for readers that cannot show widgets
+        (JupyterLab shows the widget; nbconvert, GitHub and the like show the picture)."""
+        data = super()._repr_mimebundle_(**kwargs)
+        png = self.snapshot_png()
+        if png is not None:
+            data["image/png"] = base64.b64encode(png).decode("ascii")
+            data["text/plain"] = f"{type(self).__name__} (a widget; static picture of its first render)"
+        return data

@@ -113,11 +113,12 @@ class SceneGenerator(nn.Sequential):
 class SceneDiscriminator(nn.Module):
     """images (N, 3, 64, 64) -> scores (N,). Spectral-normalised strided convolutions and a
     minibatch standard-deviation feature (ProGAN) over groups of ``group`` consecutive
-    samples, which keeps the generator from collapsing to a few images."""
+    samples, which keeps the generator from collapsing to a few images. ``spectral_norm=False``
+    leaves the convolutions free (for training with an R1 penalty instead)."""
 
-    def __init__(self, widths=(24, 48, 96, 192), resolution=64, group=4):
+    def __init__(self, widths=(24, 48, 96, 192), resolution=64, group=4, spectral_norm=True):
         super().__init__()
-        sn = nn.utils.spectral_norm
+        sn = nn.utils.spectral_norm if spectral_norm else (lambda m: m)
         layers = [sn(nn.Conv2d(3, widths[0], 3, padding=1)), nn.LeakyReLU(0.2)]
         cin = widths[0]
         res = resolution
