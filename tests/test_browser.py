@@ -40,6 +40,9 @@ def lab(tmp_path_factory):
     settings = work / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    widgets = work / "settings" / "@jupyter-widgets" / "jupyterlab-manager"
+    widgets.mkdir(parents=True)
+    (widgets / "plugin.jupyterlab-settings").write_text('{"saveState": true}')  # Settings > Save Widget State
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(work / "config"), JUPYTER_RUNTIME_DIR=str(work / "runtime"),
                JUPYTERLAB_WORKSPACES_DIR=str(work / "workspaces"), JUPYTERLAB_SETTINGS_DIR=str(work / "settings"))
     log = open(work / "lab.log", "w")
@@ -78,6 +81,13 @@ def wait_src_change(page, selector, old, timeout=60_000):
                            arg=[selector, old], timeout=timeout)
 
 
+def img_digest(page, selector):
+    """A digest of the bytes an <img> shows (its src is a fresh blob: URL on every render)."""
+    return page.eval_on_selector(selector, """async e => {
+        const b = new Uint8Array(await (await fetch(e.getAttribute('src'))).arrayBuffer());
+        let h = 0; for (const x of b) { h = (h * 31 + x) >>> 0; } return b.length + ':' + h; }""")
+
+
 def test_tour_in_jupyterlab(lab):
     url, token, work = lab
     os.makedirs(ARTIFACTS, exist_ok=True)
@@ -88,7 +98,8 @@ def test_tour_in_jupyterlab(lab):
         page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
         try:
-            drive(page, url, token)
+            edited = drive(page, url, token)
+            reopen(page, url, token, work, edited)
         except Exception:
             page.screenshot(path=os.path.join(ARTIFACTS, "failure.png"), full_page=True)
             raise
@@ -139,3 +150,43 @@ def drive(page, url, token):
     page.mouse.up()
     wait_src_change(page, ".gd-paint img.gd-paint-result", before)
     page.locator(".gd-paint").first.screenshot(path=os.path.join(ARTIFACTS, "paint_after_stroke.png"))
+    return img_digest(page, ".gd-ablation img.gd-edited")
+
+
+def reopen(page, url, token, work, edited):
+    """Saved with its widget state, closed, its kernel shut down, and opened again: the notebook
+    shows the last edited images; every view's output also carries a static PNG."""
+    import json
+    page.locator(".jp-Notebook").first.click()
+    page.keyboard.press("Control+s")
+    path = work / "tour.ipynb"
+    deadline = time.time() + 60
+    while True:
+        nb = json.loads(path.read_text())
+        if nb["metadata"].get("widgets") or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(m["model_name"] == "ImageModel" for m in state.values())
+    views = {"".join(o["data"]["text/plain"]).split()[0]: o["data"] for c in nb["cells"] if c["cell_type"] == "code"
+             for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})}
+    for name in ("UnitBrowser", "IouRanking", "AblationPanel", "PaintWidget", "LayerSummary"):
+        assert views[name]["image/png"], name
+    sessions = json.loads(urllib.request.urlopen(f"{url}/api/sessions?token={token}", timeout=10).read())
+    for s in sessions:
+        req = urllib.request.Request(f"{url}/api/sessions/{s['id']}?token={token}", method="DELETE")
+        urllib.request.urlopen(req, timeout=30)
+    page.reload()
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    try:
+        page.wait_for_selector(".jp-Dialog .jp-mod-accept", timeout=8_000)
+        page.click(".jp-Dialog .jp-mod-accept")
+    except playwright.TimeoutError:
+        pass
+    page.wait_for_selector(".gd-ablation img.gd-edited[src]", state="attached", timeout=120_000)
+    panel = page.locator(".gd-ablation").first
+    panel.scroll_into_view_if_needed()
+    page.wait_for_function("s => { const e = document.querySelector(s); return e && e.complete; }",
+                           arg=".gd-ablation img.gd-edited", timeout=60_000)
+    panel.screenshot(path=os.path.join(ARTIFACTS, "ablation_reopened.png"))
+    assert img_digest(page, ".gd-ablation img.gd-edited") == edited
