@@ -40,3 +40,15 @@ def test_best_scored_snapshot_ships(tmp_path):
     shipped, best = state(f'{out}/generator.pt'), state(f'{out}/best_generator.pt')
     assert all(torch.equal(shipped[k], best[k]) for k in best)
     assert all(v.dtype == torch.float16 for v in shipped.values())
+
+
+def test_ship_a_kept_snapshot(tmp_path):
+    out = str(tmp_path / 'run')
+    args = ['--out', out, '--steps', '4', '--eval-every', '2', '--eval-samples', '16', '--keep-snapshots'] + TINY
+    train_gan.main(args)
+    train_gan.main(args + ['--resume', '--ship-step', '2'])
+    record = json.load(open(f'{out}/generator.json'))
+    assert record['selection']['step'] == 2 and 'ship-step' in record['selection']['kept']
+    assert set(record['frechet_during_training']) == {'2', '4'}
+    shipped, kept = state(f'{out}/generator.pt'), state(f'{out}/snapshot_000002.pt')
+    assert all(torch.equal(shipped[k], kept[k]) for k in kept)

@@ -40,7 +40,7 @@ from gandissect_widgets.engine.upsample import upsample_above, upsample_max, ups
 
 __all__ = ["dissect", "ENGINE_VERSION"]
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: pilot window (0.01, 0.008) below/above the quantile
 _CHUNK_ELEMENTS = 1 << 25  # upsampled values (at most) held at once per layer
 _PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
 

@@ -63,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument('--eval-every', type=int, default=500,
                    help='score the EMA generator every this many steps (0: never)')
     p.add_argument('--eval-samples', type=int, default=500)
+    p.add_argument('--keep-snapshots', action='store_true',
+                   help='also keep the EMA weights of every scored step (snapshot_XXXXXX.pt)')
+    p.add_argument('--ship-step', type=int, default=None,
+                   help='with --resume on a finished run: ship the kept snapshot of this step '
+                        'instead of the best-scored one (the record says so)')
     p.add_argument('--checkpoint-minutes', type=float, default=4.0)
     p.add_argument('--sample-every', type=int, default=500)
     p.add_argument('--log-every', type=int, default=50)
@@ -152,6 +157,7 @@ def main(argv=None):
     zgen = torch.Generator().manual_seed(args.seed)
     step = 0
     best = dict(step=None, frechet=None)
+    scores = {}
     timer = Timer()
     commands = []
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
@@ -165,6 +171,7 @@ def main(argv=None):
         zgen.set_state(ck['zgen'])
         step = int(ck['step'])
         best = dict(ck.get('best') or best)
+        scores = {int(k): v for k, v in (ck.get('scores') or {}).items()}
         timer = Timer(float(ck['wall_time']))
         commands = list(ck.get('commands') or [args_command(ck['args'])])
         print(f'resumed from {ckpt_path} at step {step}', flush=True)
@@ -181,7 +188,7 @@ def main(argv=None):
         atomic_torch_save(dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),
                                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
                                zgen=zgen.get_state(), step=step, wall_time=timer.elapsed,
-                               best=best,
+                               best=best, scores=scores,
                                commands=commands + [command_line()],
                                args=vars(args)), ckpt_path)
 
@@ -259,11 +266,14 @@ def main(argv=None):
             samples('samples_latest.png')
         if score is not None and (step % args.eval_every == 0 or step == args.steps):
             fd = score(G_ema)
+            scores[step] = fd
             is_best = best['frechet'] is None or fd < best['frechet']
             line = f'step {step} frechet {fd:.4f}' + (' best' if is_best else '')
             print(line, flush=True)
             log.write(line + '\n')
             log.flush()
+            if args.keep_snapshots:
+                atomic_torch_save(half_state(G_ema), os.path.join(args.out, f'snapshot_{step:06d}.pt'))
             if is_best:
                 best = dict(step=step, frechet=fd)
                 atomic_torch_save(half_state(G_ema), best_path)
@@ -276,7 +286,15 @@ def main(argv=None):
         print(f'stopped at step {step}; resume with --resume', flush=True)
         return
     state = half_state(G_ema)
-    if best['step'] is not None and os.path.exists(best_path):
+    chosen = None
+    if args.ship_step is not None:
+        path = os.path.join(args.out, f'snapshot_{args.ship_step:06d}.pt')
+        if not os.path.exists(path):
+            raise SystemExit(f'--ship-step {args.ship_step}: no {path} (train with --keep-snapshots)')
+        state = torch.load(path, weights_only=True)
+        G_ema.load_state_dict({k: v.float() for k, v in state.items()})
+        chosen = args.ship_step
+    elif best['step'] is not None and os.path.exists(best_path):
         state = torch.load(best_path, weights_only=True)
         G_ema.load_state_dict({k: v.float() for k, v in state.items()})
     samples('generator_samples.png')
@@ -292,11 +310,16 @@ def main(argv=None):
         optimizer=dict(lr_g=args.lr_g, lr_d=args.lr_d, betas=[args.beta1, args.beta2],
                        loss=args.loss, r1=args.r1, r1_every=args.r1_every, ema=args.ema,
                        amp=args.amp),
-        selection=(dict(kept='EMA weights with the lowest training-time Frechet distance',
+        selection=(dict(kept=f'EMA weights of step {chosen}, chosen with --ship-step', step=chosen,
+                        frechet_segmenter_features=scores.get(chosen),
+                        best_scored=dict(step=best['step'], frechet_segmenter_features=best['frechet']))
+                   if chosen is not None else
+                   dict(kept='EMA weights with the lowest training-time Frechet distance',
                         step=best['step'], frechet_segmenter_features=best['frechet'],
                         against=f'{args.eval_samples} renders of world seed {EVAL_WORLD_SEED}, '
                                 f'{args.eval_samples} samples of sample_z(n, seed=1)')
                    if best['step'] is not None else 'final EMA weights'),
+        frechet_during_training={str(k): round(v, 5) for k, v in sorted(scores.items())},
         samples='generator_samples.png: EMA samples of sample_z(64, seed=0)'))
     log.close()
     print(f'done: {step} steps in {timer.elapsed:.0f}s, wrote {args.out}/generator.pt', flush=True)
