@@ -135,6 +135,18 @@ class FrechetScore:
         return self.frechet_distance(*self.feature_stats(f), *self.ref)
 
 
+def logged_scores(path, until):
+    """{step: distance} from the log lines ``step N frechet D`` up to step ``until`` (runs
+    checkpointed before scores were kept in the checkpoint)."""
+    found = {}
+    if os.path.exists(path):
+        for line in open(path):
+            parts = line.split()
+            if len(parts) >= 4 and parts[0] == 'step' and parts[2] == 'frechet' and int(parts[1]) <= until:
+                found[int(parts[1])] = float(parts[3])
+    return found
+
+
 def half_state(model):
     return {k: v.detach().cpu().half() for k, v in model.state_dict().items()}
 
@@ -172,6 +184,7 @@ def main(argv=None):
         step = int(ck['step'])
         best = dict(ck.get('best') or best)
         scores = {int(k): v for k, v in (ck.get('scores') or {}).items()}
+        scores = {**logged_scores(os.path.join(args.out, 'log.txt'), step), **scores}
         timer = Timer(float(ck['wall_time']))
         commands = list(ck.get('commands') or [args_command(ck['args'])])
         print(f'resumed from {ckpt_path} at step {step}', flush=True)
