@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument('--ship-step', type=int, default=None,
                    help='with --resume on a finished run: ship the kept snapshot of this step '
                         'instead of the best-scored one (the record says so)')
+    p.add_argument('--ship-note', default=None, help='why that step was chosen, for the record')
     p.add_argument('--checkpoint-minutes', type=float, default=4.0)
     p.add_argument('--sample-every', type=int, default=500)
     p.add_argument('--log-every', type=int, default=50)
@@ -324,6 +325,7 @@ def main(argv=None):
                        loss=args.loss, r1=args.r1, r1_every=args.r1_every, ema=args.ema,
                        amp=args.amp),
         selection=(dict(kept=f'EMA weights of step {chosen}, chosen with --ship-step', step=chosen,
+                        why=args.ship_note,
                         frechet_segmenter_features=scores.get(chosen),
                         best_scored=dict(step=best['step'], frechet_segmenter_features=best['frechet']))
                    if chosen is not None else
