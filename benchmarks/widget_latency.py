@@ -39,7 +39,7 @@ def main():
     p.add_argument("--generator", default="sceneworld")
     p.add_argument("--segmenter", default=None)
     p.add_argument("--layer", default=None)
-    p.add_argument("--concept", default="tree")
+    p.add_argument("--concept", default="building")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--dissect-samples", type=int, default=300)

@@ -1,6 +1,6 @@
 """The SceneWorld figures the README and the weights' records quote, measured with the engine.
 
-    python benchmarks/world_figures.py [--samples 2000] [--dissect-samples 1000] [--record]
+    python benchmarks/world_figures.py [--samples 2000] [--dissect-samples 1000] [--record | --checkpoint PT]
 
 1. A Fréchet distance in the segmenter's feature space (not FID) between GAN samples and renders,
    beside the same distance between two independent render sets (the floor) and between an
@@ -51,9 +51,12 @@ def main():
     p.add_argument("--dissect-samples", type=int, default=1000)
     p.add_argument("--ablate-layers", nargs="+", default=["layer4", "layer5", "layer6"])
     p.add_argument("--record", action="store_true")
+    p.add_argument("--checkpoint", default=None, help="generator weights other than the shipped ones (not with --record)")
     a = p.parse_args()
     t0 = time.time()
-    G, S = gw.load_generator("sceneworld"), gw.load_segmenter("sceneworld")
+    if a.record and a.checkpoint:
+        p.error("--record writes the figures of the shipped weights: leave out --checkpoint")
+    G, S = gw.load_generator("sceneworld", checkpoint=a.checkpoint), gw.load_segmenter("sceneworld")
     feat = segmenter_features(S)
     ref = feature_stats(features_of_renders(feat, a.samples, seed=777))
     fd_gan = frechet_distance(*feature_stats(features_of_generator(G, feat, a.samples, seed=0)), *ref)

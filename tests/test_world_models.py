@@ -122,14 +122,14 @@ def test_gan_samples_look_like_renders(G, S):
     _, real = render(400, seed=EVAL_SEED)
     f = numpy.bincount(fake.numpy().ravel(), minlength=len(LABELS)) / fake.numel()
     r = numpy.bincount(real.ravel(), minlength=len(LABELS)) / real.size
-    # Groups, with generous tolerances: the shipped GAN draws too little water and road
-    # (they become grass) and smaller buildings than the renders have.
-    groups = {'sky': (['sky', 'cloud', 'sun'], 0.08), 'ground': (['grass', 'water', 'road'], 0.12),
-              'building': (['building', 'roof', 'window', 'door'], 0.08), 'tree': (['tree'], 0.08)}
+    # Groups (quality.json has every label): the shipped GAN draws too little water and road
+    # (they become grass), about half the renders' trees, and few mountains.
+    groups = {'sky': (['sky', 'cloud', 'sun'], 0.05), 'ground': (['grass', 'water', 'road'], 0.05),
+              'building': (['building', 'roof', 'window', 'door'], 0.04), 'tree': (['tree'], 0.025)}
     for group, (names, tol) in groups.items():
         idx = [L[n] for n in names]
         assert abs(f[idx].sum() - r[idx].sum()) < tol, (group, f[idx].sum(), r[idx].sum())
-    for name in ('building', 'window', 'tree', 'cloud'):
+    for name in ('building', 'roof', 'window', 'door', 'cloud'):
         assert (fake == L[name]).flatten(1).any(1).float().mean() > 0.3, name
     # sky above ground, on average over samples
     rows = torch.arange(64).view(1, 64, 1).float()
