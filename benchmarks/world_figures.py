@@ -8,7 +8,8 @@
 2. Label frequencies (fraction of pixels) of GAN samples, segmented, against renders' true labels.
 3. A dissection of the shipped GAN (layers 3-8): interpretable units per concept per layer and the
    concepts with at least one interpretable unit in any layer.
-4. Ablating the 20 top tree units (by IoU) of middle layers: removal ratio and ACE, with CIs.
+4. Ablating the 20 top units (by IoU) of a concept (tree, building, window, door) in middle layers:
+   removal ratio and ACE, with CIs.
 ``--record`` writes the figures to gandissect_widgets/world/weights/quality.json.
 """
 import argparse
@@ -50,6 +51,7 @@ def main():
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--dissect-samples", type=int, default=1000)
     p.add_argument("--ablate-layers", nargs="+", default=["layer4", "layer5", "layer6"])
+    p.add_argument("--ablate-concepts", nargs="+", default=["tree", "building", "window", "door"])
     p.add_argument("--record", action="store_true")
     p.add_argument("--checkpoint", default=None, help="generator weights other than the shipped ones (not with --record)")
     a = p.parse_args()
@@ -89,13 +91,14 @@ def main():
     print(f"concepts with an interpretable unit in some layer: {len(concepts)}: {', '.join(concepts)}")
 
     ablation = {}
-    for L in a.ablate_layers:
-        top = d.ranking(L, "tree")[:20]
-        res = measure_ace(G, S, L, top, "tree", n_samples=200, seed=2)
-        ablation[L] = {"units": [int(u) for u in top], **res.to_json()}
-        print(f"ablating the 20 top tree units of {L}: removal ratio {res.removal_ratio:.3f} "
-              f"[{res.removal_ci[0]:.3f}, {res.removal_ci[1]:.3f}], ACE {res.ace:.4f} "
-              f"[{res.ace_ci[0]:.4f}, {res.ace_ci[1]:.4f}] (200 samples, seed 2)")
+    for c in a.ablate_concepts:
+        for L in a.ablate_layers:
+            top = d.ranking(L, c)[:20]
+            res = measure_ace(G, S, L, top, c, n_samples=200, seed=2)
+            ablation.setdefault(c, {})[L] = {"units": [int(u) for u in top], **res.to_json()}
+            print(f"ablating the 20 top {c} units of {L}: removal ratio {res.removal_ratio:.3f} "
+                  f"[{res.removal_ci[0]:.3f}, {res.removal_ci[1]:.3f}], ACE {res.ace:.4f} "
+                  f"[{res.ace_ci[0]:.4f}, {res.ace_ci[1]:.4f}] (200 samples, seed 2)")
     wall = time.time() - t0
     print(f"({wall:.0f} s on {platform.machine()} {platform.processor() or ''}, torch {torch.__version__})")
     if a.record:
@@ -106,7 +109,7 @@ def main():
             "label_frequencies": {name: {"gan": float(gan_freq[i]), "renders": float(real_freq[i])}
                                   for i, name in enumerate(LABELS[1:], 1)},
             "dissection": {"samples": a.dissect_samples, "per_layer": per_layer, "concepts": concepts},
-            "tree_ablation_top20_by_iou": ablation,
+            "ablation_top20_by_iou": ablation,
             "wall_time_s": wall, "machine": platform.platform()})
 
 
