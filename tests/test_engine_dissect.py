@@ -193,3 +193,22 @@ def test_sparse_readers_agree_with_upsample_bit_for_bit(shape, size):
     assert torch.equal(upsample_pixels(r, size, pixels), full.gather(2, pixels[:, None].expand(-1, C, -1)))
     rows, cols = [0, size[0] - 1, size[0] // 2], list(range(0, size[1], 3))
     assert torch.equal(upsample_at(r, size, rows, cols), up[..., rows, :][..., cols])
+
+
+def test_sparse_readers_on_relu_maps_and_non_finite_values():
+    """A unit that is zero almost everywhere has a floor of 0: zero cells never pass it. One inf
+    source spoils only the pixels that blend it, as with F.interpolate."""
+    r = torch.zeros(4, 3, 32, 32)
+    r[:, 0, 5, 5] = 3.0
+    r[1, 1, 10:12, 20:23] = torch.rand(2, 3) + 0.1
+    up = upsample(r, (256, 256))
+    low = torch.zeros(3)
+    n, c, pix, v = upsample_above(r, (256, 256), low)
+    full = up.flatten(2)
+    assert n.numel() == int((full > 0).sum()) and torch.equal(full[n, c, pix], v)
+    bad = torch.randn(1, 2, 6, 6)
+    bad[0, 0, 2, 3] = float("inf")
+    ref = F.interpolate(bad, size=(24, 24), mode="bilinear", align_corners=False)
+    out = upsample(bad, (24, 24))
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    torch.testing.assert_close(out[torch.isfinite(out)], ref[torch.isfinite(ref)], atol=2e-6, rtol=1e-5)

@@ -151,12 +151,15 @@ def _unit_chunks(r, size):
 
 def _sample_maxima(r, size, topk):
     """(N,U) per-sample maxima of the upsampled maps, computed only for the samples that can
-    enter ``topk`` (the raw maximum bounds the upsampled one); -inf for the others."""
+    enter ``topk`` (the raw maximum bounds the upsampled one, up to rounding); -inf for the others."""
     r = r.float()
     maxima = torch.full(r.shape[:2], -math.inf, device=r.device)
-    n, u = torch.nonzero(r.amax((2, 3)) >= topk.kth()[None], as_tuple=True)
-    if n.numel():
-        maxima[n, u] = upsample_max(r[n, u][:, None], size)[:, 0]
+    raw = r.amax((2, 3))
+    n, u = torch.nonzero(raw + raw.abs() * 1e-6 >= topk.kth()[None], as_tuple=True)
+    per = max(1, _CHUNK_ELEMENTS // max(1, size[0] * size[1]))
+    for i in range(0, n.numel(), per):
+        nn, uu = n[i:i + per], u[i:i + per]
+        maxima[nn, uu] = upsample_max(r[nn, uu][:, None], size)[:, 0]
     return maxima
 
 

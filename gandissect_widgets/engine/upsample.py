@@ -64,12 +64,19 @@ def _one_hot(index: tuple, n_in: int, device: str, dtype: torch.dtype):
     return m.to(device)
 
 
-def _pick(x, index, dim):
+def _selects(r) -> bool:
+    """Whether ``_pick`` must select rather than multiply for maps computed from ``r``: off the
+    CPU, where float32 products may round (``torch.set_float32_matmul_precision``), or where
+    ``r`` holds inf or NaN (a product would spread it over the whole row)."""
+    return (r.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest"
+            or not bool(torch.isfinite(r).all()))
+
+
+def _pick(x, index, dim, select):
     """``x.index_select(dim, index)`` for dim -1 or -2.  On the CPU, where selecting along the
     last axis is slow, as a product with a one-hot matrix: exact, every output is one value
-    times 1 plus zeros (finite inputs), unless float32 products are allowed to round
-    (``torch.set_float32_matmul_precision``), when it selects."""
-    if x.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+    times 1 plus zeros (unless ``select``, see ``_selects``)."""
+    if select:
         return x.index_select(dim, index)
     m = _one_hot(tuple(index.tolist()), x.shape[dim], str(x.device), x.dtype)
     return x @ m if dim == -1 else (m.t() @ x)
@@ -79,20 +86,20 @@ def _float(r):
     return r if r.dtype in (torch.float32, torch.float64) else r.float()
 
 
-def _along_width(r, W, cols=None):
+def _along_width(r, W, select, cols=None):
     """(..., h, w) -> (..., h, W) (or the chosen output columns)."""
     i0, i1, w0, w1 = _taps(r.shape[-1], W, str(r.device), r.dtype)
     if cols is not None:
         i0, i1, w0, w1 = i0[cols], i1[cols], w0[cols], w1[cols]
-    return _pick(r, i0, -1) * w0 + _pick(r, i1, -1) * w1
+    return _pick(r, i0, -1, select) * w0 + _pick(r, i1, -1, select) * w1
 
 
-def _along_height(x, H, rows=None):
+def _along_height(x, H, select, rows=None):
     """(..., h, W) -> (..., H, W) (or the chosen output rows)."""
     i0, i1, w0, w1 = _taps(x.shape[-2], H, str(x.device), x.dtype)
     if rows is not None:
         i0, i1, w0, w1 = i0[rows], i1[rows], w0[rows], w1[rows]
-    return _pick(x, i0, -2) * w0[:, None] + _pick(x, i1, -2) * w1[:, None]
+    return _pick(x, i0, -2, select) * w0[:, None] + _pick(x, i1, -2, select) * w1[:, None]
 
 
 def _size(size):
@@ -110,7 +117,8 @@ def upsample(r: torch.Tensor, size) -> torch.Tensor:
     if tuple(r.shape[-2:]) == (H, W):
         return r
     r = _float(r)
-    return _along_height(_along_width(r, W), H)
+    select = _selects(r)
+    return _along_height(_along_width(r, W, select), H, select)
 
 
 def upsample_at(r: torch.Tensor, size, rows=None, cols=None) -> torch.Tensor:
@@ -120,7 +128,8 @@ def upsample_at(r: torch.Tensor, size, rows=None, cols=None) -> torch.Tensor:
     dev = r.device
     rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=dev)
     cols = None if cols is None else torch.as_tensor(cols, dtype=torch.long, device=dev)
-    return _along_height(_along_width(r, W, cols), H, rows)
+    select = _selects(r)
+    return _along_height(_along_width(r, W, select, cols), H, select, rows)
 
 
 def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor) -> torch.Tensor:
@@ -129,7 +138,7 @@ def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor) -> torch.Tensor
     H, W = _size(size)
     r = _float(r)
     N, C, h, _ = r.shape
-    x = _along_width(r, W).reshape(N, C, h * W)
+    x = _along_width(r, W, _selects(r)).reshape(N, C, h * W)
     i0, i1, w0, w1 = _taps(h, H, str(r.device), r.dtype)
     pixels = pixels.to(r.device).long()
     y, col = pixels // W, pixels % W
@@ -148,7 +157,8 @@ def upsample_max(r: torch.Tensor, size) -> torch.Tensor:
     cf, cl, _ = _cells(r.shape[-1], W, dev)
     rows = torch.unique(torch.cat([rf, rl]))
     cols = torch.unique(torch.cat([cf, cl]))
-    return _along_height(_along_width(r, W, cols), H, rows).amax((-2, -1))
+    select = _selects(r)
+    return _along_height(_along_width(r, W, select, cols), H, select, rows).amax((-2, -1))
 
 
 @functools.lru_cache(maxsize=128)
@@ -189,10 +199,11 @@ def upsample_above(r: torch.Tensor, size, low: torch.Tensor):
     G, P = rw0.shape
     K, Q = cw0.shape
     low = low.to(r.device, r.dtype)
-    rows = (_pick(r, a0, -2), _pick(r, a1, -2))
-    corners = torch.stack([_pick(x, b, -1) for x in rows for b in (b0, b1)], -1)  # (N,C,G,K,4)
+    select = _selects(r)
+    rows = (_pick(r, a0, -2, select), _pick(r, a1, -2, select))
+    corners = torch.stack([_pick(x, b, -1, select) for x in rows for b in (b0, b1)], -1)  # (N,C,G,K,4)
     # the margin covers the rounding of a blend (a few units in the last place of the sources)
-    bound = corners.amax(-1) + r.abs().amax((2, 3), keepdim=True) * 1e-6
+    bound = corners.amax(-1) + corners.abs().amax(-1) * 1e-6
     cell = torch.nonzero((bound > low.view(1, C, 1, 1)).view(-1)).squeeze(1)
     cs = corners.view(-1, 4)[cell]                                            # (M,4)
     gk = cell % (G * K)

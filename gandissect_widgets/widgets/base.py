@@ -83,7 +83,8 @@ class View(W.VBox):
     def snapshot_png(self, timeout: float = SNAPSHOT_WAIT) -> bytes | None:
         """PNG of what the view shows now (its images, laid out like the view), after the
         render in flight; None before anything was rendered."""
-        self.wait(timeout)
+        if threading.current_thread() is not self.worker._thread:  # never wait on itself
+            self.wait(timeout)
         return snapshot_png(self)
 
     def snapshot(self):

@@ -23,6 +23,7 @@ Writes into ``--out``:
 """
 import argparse
 import copy
+import math
 import os
 import time
 
@@ -211,7 +212,13 @@ def main(argv=None):
             x = (model or G_ema)(fixed_z)
         save_grid(x, os.path.join(args.out, name), scale=2)
 
-    score = FrechetScore(args.eval_samples, device) if args.eval_every else None
+    scorer = []
+
+    def score(model):  # built on first use: a run that only ships a snapshot needs none
+        if not scorer:
+            scorer.append(FrechetScore(args.eval_samples, device))
+        return scorer[0](model)
+
     best_path = os.path.join(args.out, 'best_generator.pt')
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
 
@@ -278,10 +285,10 @@ def main(argv=None):
         if step % args.sample_every == 0:
             samples(f'samples_{step:06d}.png')
             samples('samples_latest.png')
-        if score is not None and (step % args.eval_every == 0 or step == args.steps):
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             fd = score(G_ema)
             scores[step] = fd
-            is_best = best['frechet'] is None or fd < best['frechet']
+            is_best = math.isfinite(fd) and (best['frechet'] is None or fd < best['frechet'])
             line = f'step {step} frechet {fd:.4f}' + (' best' if is_best else '')
             print(line, flush=True)
             log.write(line + '\n')
@@ -292,6 +299,8 @@ def main(argv=None):
                 best = dict(step=step, frechet=fd)
                 atomic_torch_save(half_state(G_ema), best_path)
                 samples('best_samples.png')
+                checkpoint()  # the checkpoint names the best weights on disk, whatever happens next
+                last_ckpt = time.time()
         if time.time() - last_ckpt > 60 * args.checkpoint_minutes:
             checkpoint()
             last_ckpt = time.time()
@@ -300,7 +309,7 @@ def main(argv=None):
         print(f'stopped at step {step}; resume with --resume', flush=True)
         return
     state = half_state(G_ema)
-    chosen = None
+    chosen, chosen_best = None, False
     if args.ship_step is not None:
         path = os.path.join(args.out, f'snapshot_{args.ship_step:06d}.pt')
         if not os.path.exists(path):
@@ -309,6 +318,7 @@ def main(argv=None):
         G_ema.load_state_dict({k: v.float() for k, v in state.items()})
         chosen = args.ship_step
     elif best['step'] is not None and os.path.exists(best_path):
+        chosen_best = True
         state = torch.load(best_path, weights_only=True)
         G_ema.load_state_dict({k: v.float() for k, v in state.items()})
     samples('generator_samples.png')
@@ -333,7 +343,7 @@ def main(argv=None):
                         step=best['step'], frechet_segmenter_features=best['frechet'],
                         against=f'{args.eval_samples} renders of world seed {EVAL_WORLD_SEED}, '
                                 f'{args.eval_samples} samples of sample_z(n, seed=1)')
-                   if best['step'] is not None else 'final EMA weights'),
+                   if chosen_best else 'final EMA weights'),
         frechet_during_training={str(k): round(v, 5) for k, v in sorted(scores.items())},
         samples='generator_samples.png: EMA samples of sample_z(64, seed=0)'))
     log.close()
