@@ -96,7 +96,8 @@ def cmd_context(a):
     d = _dissection(a, G, S, device)
     units = d.ranking(a.layer, a.concept)[:a.top]
     res = contextual_insertion(G, S, a.layer, a.concept, units, n_samples=a.samples, seed=a.seed,
-                               locations=a.locations or None, batch_size=a.batch_size, progress=not a.quiet)
+                               locations=a.locations or None, batch_size=a.batch_size, strength=a.strength,
+                               patch=a.patch, progress=not a.quiet)
     _write(a, "context", res.to_json(), {"context": context_figure(res)})
     for name, n, mean, half in res.table(5):
         print(f"  {name:>12}: {mean:+.4f} ± {half:.4f}  (n={n})")

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", required=True)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--samples", type=int, default=100)
-    p.add_argument("--locations", type=int, default=8, help="cells per sample (0: every cell)")
+    p.add_argument("--locations", type=int, default=8, help="places per sample (0: every place)")
+    p.add_argument("--patch", type=int, default=1, help="side of the inserted square, in layer cells")
+    p.add_argument("--strength", type=float, default=1.0, help="multiple of the units' insertion values")
     p.add_argument("--seed", type=int, default=5)
 
     p = causal("artifacts", "rank units by how much ablating them improves sample quality")

@@ -186,3 +186,20 @@ def test_results_with_nan_write_strict_json(tmp_path):
     from gandissect_widgets.engine.io import atomic_write_json
     atomic_write_json(tmp_path / "r.json", {"ci": [float("nan"), 1.0], "n": np.int64(2), "x": np.float32(0.5)})
     assert json.load(open(tmp_path / "r.json")) == {"ci": [None, 1.0], "n": 2, "x": 0.5}
+
+
+def test_context_patch_and_strength(planted):
+    G, S = planted
+    res = contextual_insertion(G, S, "layer1", "red", [0], n_samples=8, locations=None, patch=2, progress=False)
+    assert res.count.sum() == 8 * 81 and res.settings["patch"] == 2  # 9x9 places of a 10x10 grid
+    table = {row[0]: row for row in res.table()}
+    assert 0.03 < table["background"][2] <= 0.04 + 1e-6  # four cells of 100, less where red already was
+    weak = contextual_insertion(G, S, "layer1", "red", [0], n_samples=8, locations=None, strength=0.1,
+                                progress=False)
+    weak_table = {row[0]: row for row in weak.table()}
+    assert abs(weak_table["background"][2]) < 1e-6  # a tenth of the insertion value stays under the unit's cut
+    assert weak_table["red"][2] == pytest.approx(-0.01, abs=1e-6)  # and replaces a red cell's activation
+    with pytest.raises(ValueError, match="patch must be between 1 and 10"):
+        contextual_insertion(G, S, "layer1", "red", [0], n_samples=2, patch=11, progress=False)
+    with pytest.raises(ValueError, match="strength must be a positive number"):
+        contextual_insertion(G, S, "layer1", "red", [0], n_samples=2, strength=0, progress=False)

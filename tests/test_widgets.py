@@ -24,7 +24,7 @@ def session():
 
 @pytest.fixture(autouse=True)
 def reset(session):
-    session.update(selection=(), mode="ablate", concept="red", layer="layer1", samples=range(6), unit=None)
+    session.update(selection=(), mode="ablate", concept="red", layer="layer1", samples=range(6), unit=None, strength=1)
     yield
 
 
@@ -212,3 +212,33 @@ def test_static_picture_beside_every_widget(session):
     s.dissect(["layer1"], n_samples=50, progress=False)
     empty = LayerSummary(s)
     assert empty.snapshot_png() is not None
+
+
+def test_insertion_strength_is_shared_and_rerenders_only_insertions(session):
+    a = AblationPanel(session)
+    a.toggle(0)
+    assert a.wait()
+    ablated = h(a.edited.value)
+    a.strength.value = 3.0  # ablation ignores it
+    assert session.strength == 3.0 and a.wait() and h(a.edited.value) == ablated
+    session.update(mode="insert", strength=1)
+    assert a.wait()
+    once = h(a.edited.value)
+    assert "insert (x1)" in a.stats.value
+    p = PaintWidget(session, sample=1, scale=4)
+    assert p.strength.value == 1.0
+    p.concept.value = "red"
+    p.mouse_down(10, 10)
+    p.mouse_up(30, 30)
+    assert p.wait()
+    painted = h(p.result.value)
+    p.strength.value = 0.5  # from the paint widget: the ablation panel follows
+    assert a.wait() and p.wait()
+    assert a.strength.value == 0.5 and "insert (x0.5)" in a.stats.value
+    assert h(a.edited.value) != once and h(p.result.value) != painted
+    iv = session.intervention("layer1", [0], "insert", "red")
+    torch_values = session.insertion_values("layer1", "red")[[0]] * 0.5
+    assert np.allclose(np.asarray(iv.values), np.asarray(torch_values))
+    for bad in (0, -1, "lots", 1000):
+        with pytest.raises(ValueError, match="strength"):
+            session.update(strength=bad)

@@ -52,10 +52,14 @@ class ContextResult:
 
 def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100, seed: int = 5,
                          locations: int | None = 8, batch_size: int = 8, values=None,
-                         insertion: InsertionValues | None = None, progress: bool = True) -> ContextResult:
-    """Insert ``units`` (e.g. the concept's top-20 by IoU) one cell at a time.
+                         insertion: InsertionValues | None = None, strength: float = 1.0, patch: int = 1,
+                         progress: bool = True) -> ContextResult:
+    """Insert ``units`` (e.g. the concept's top-20 by IoU) at one place at a time.
 
-    locations: cells per sample, drawn at random (seeded), or None for every cell of the grid.
+    locations: places per sample, drawn at random (seeded), or None for every place of the grid.
+    patch: the side, in layer cells, of the square set at each place (1: a single cell); the
+        context is the label at its centre.  strength: the units are set to ``strength`` times
+        their insertion values (small GANs may need 2-4, and a patch, to draw an object).
     """
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
@@ -67,11 +71,18 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
     r0 = layer_activation(G, z[:1].to(dev), layer)
     C, h, w = r0.shape[1:]
     units = check_units(units, C)
+    patch = int(patch)
+    if not 1 <= patch <= min(h, w):
+        raise ValueError(f"patch must be between 1 and {min(h, w)} cells for {layer} ({h}x{w}), got {patch}")
+    if not (np.isfinite(strength) and strength > 0):
+        raise ValueError(f"strength must be a positive number, got {strength!r}")
     if values is None:
         values = (insertion or InsertionValues(G, S))(layer, c)
     values = torch.as_tensor(values, dtype=torch.float32).reshape(-1).to(dev)
     if values.numel() == C:
         values = values[torch.from_numpy(units).to(dev)]
+    values = values * float(strength)
+    gh, gw = h - patch + 1, w - patch + 1  # top-left cells of the places
     rng = np.random.RandomState(seed)
     L = len(S.labels)
     count, s1, s2 = np.zeros(L), np.zeros(L), np.zeros(L)
@@ -84,10 +95,11 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
         H, W = seg0.shape[-2:]
         base = (seg0 == c).any(1).float().mean((1, 2))  # (B,)
         if locations is None:
-            cells = [(y, x) for y in range(h) for x in range(w)]
+            cells = [(y, x) for y in range(gh) for x in range(gw)]
             per_sample = [cells] * B
         else:
-            per_sample = [[(int(p) // w, int(p) % w) for p in rng.choice(h * w, min(locations, h * w), replace=False)]
+            per_sample = [[(int(p) // gw, int(p) % gw)
+                           for p in rng.choice(gh * gw, min(locations, gh * gw), replace=False)]
                           for _ in range(B)]
         jobs = [(b, y, x) for b in range(B) for (y, x) in per_sample[b]]
         for j0 in range(0, len(jobs), 64):
@@ -95,17 +107,18 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
             bidx = torch.tensor([b for b, _, _ in chunk], device=dev)
             rr = r[bidx].clone()
             for n, (b, y, x) in enumerate(chunk):
-                rr[n, uidx, y, x] = values
+                rr[n, uidx, y:y + patch, x:x + patch] = values[:, None, None]
             seg1 = segment(S, render(G, None, [], activation=rr, layer=layer))
             added = ((seg1 == c).any(1).float().mean((1, 2)) - base[bidx]).cpu().numpy()
             for n, (b, y, x) in enumerate(chunk):
-                cy, cx = min(H - 1, int((y + 0.5) * H / h)), min(W - 1, int((x + 0.5) * W / w))
+                cy, cx = min(H - 1, int((y + patch / 2) * H / h)), min(W - 1, int((x + patch / 2) * W / w))
                 lab = int(seg0[b, 0, cy, cx])
                 count[lab] += 1
                 s1[lab] += added[n]
                 s2[lab] += added[n] ** 2
     mean = np.divide(s1, count, out=np.zeros(L), where=count > 0)
     var = np.divide(s2, count, out=np.zeros(L), where=count > 0) - mean ** 2
-    settings = dict(n_samples=n_samples, seed=seed, locations=locations, grid=[int(h), int(w)])
+    settings = dict(n_samples=n_samples, seed=seed, locations=locations, grid=[int(h), int(w)],
+                    patch=patch, strength=float(strength))
     return ContextResult(layer, S.labels[c], units.tolist(), list(S.labels), count, mean,
                          np.sqrt(np.clip(var, 0, None)), settings)

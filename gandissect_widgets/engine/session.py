@@ -26,7 +26,7 @@ from gandissect_widgets.engine.upsample import upsample
 
 __all__ = ["Session", "parse_indices"]
 
-_STATE = ("layer", "concept", "unit", "selection", "samples", "mode", "dissection", "ace")
+_STATE = ("layer", "concept", "unit", "selection", "samples", "mode", "strength", "dissection", "ace")
 
 
 def parse_indices(text: str, limit: int = 10_000) -> list[int]:
@@ -59,7 +59,9 @@ class Session:
     State (read as attributes, change with ``update(**changes)``; observers get
     ``(name, old, new)``): ``layer``, ``concept``, ``unit``, ``selection`` (tuple of units of
     ``layer`` chosen for editing), ``samples`` (tuple of sample indices shown), ``mode``
-    ("ablate" or "insert"), ``dissection``, ``ace`` ({(layer, concept): (U,) single-unit ACE}).
+    ("ablate" or "insert"), ``strength`` (insertions set units to ``strength`` times their
+    insertion values; default 1, small GANs often need 2-4 to draw an object), ``dissection``,
+    ``ace`` ({(layer, concept): (U,) single-unit ACE}).
     """
 
     def __init__(self, generator=None, segmenter=None, device=None, dissection: Dissection | None = None,
@@ -89,6 +91,7 @@ class Session:
         self.selection: tuple = ()
         self.samples = tuple(int(i) for i in samples)
         self.mode = "ablate"
+        self.strength = 1.0
         self.dissection = None
         self.ace: dict = {}
         if dissection is not None:
@@ -136,6 +139,14 @@ class Session:
         if k == "mode":
             if v not in ("ablate", "insert"):
                 raise ValueError(f"mode must be 'ablate' or 'insert', got {v!r}")
+            return v
+        if k == "strength":
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"strength must be a number, got {v!r}") from None
+            if not (0 < v <= 100):
+                raise ValueError(f"strength must be in (0, 100], got {v}")
             return v
         if k == "samples":
             v = tuple(int(i) for i in v)
@@ -250,13 +261,15 @@ class Session:
             return self._insertion(layer, concept)
 
     def intervention(self, layer: str, units, mode: str = "ablate", concept=None, region=None) -> Intervention:
-        """An Intervention with this session's insertion values (for ``concept``) when inserting."""
+        """An Intervention with this session's insertion values (for ``concept``), times its
+        ``strength``, when inserting."""
         values = None
         if mode == "insert":
             concept = concept if concept is not None else self.concept
             if concept is None:
                 raise ValueError("an insertion needs a concept (its insertion values come from it)")
             values = self.insertion_values(layer, concept)[torch.as_tensor(list(units), dtype=torch.long)]
+            values = values * self.strength
         return Intervention(layer, list(units), mode, values=values, region=region)
 
     def unit_ace(self, layer: str, concept, n_samples: int = 32) -> np.ndarray:

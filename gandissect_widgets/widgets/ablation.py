@@ -7,7 +7,7 @@ import numpy as np
 
 from gandissect_widgets.engine.imaging import difference, strip, to_uint8
 from gandissect_widgets.engine.session import parse_indices
-from gandissect_widgets.widgets.base import View, image_widget
+from gandissect_widgets.widgets.base import View, image_widget, strength_slider
 from gandissect_widgets.widgets.encode import encode_image
 
 __all__ = ["AblationPanel"]
@@ -26,6 +26,7 @@ class AblationPanel(View):
         self.concept = W.Dropdown(options=s.concepts(), value=s.concept or s.concepts()[0], description="concept",
                                   layout=W.Layout(width="220px"))
         self.mode = W.ToggleButtons(options=[("ablate", "ablate"), ("insert", "insert")], value=s.mode)
+        self.strength = strength_slider(s)
         self.topk = W.IntSlider(value=min(10, candidates), min=0, max=candidates, description="top-k",
                                 continuous_update=False)
         self.use_topk = W.Button(description="switch top-k", tooltip="select the concept's top-k units by IoU")
@@ -39,7 +40,7 @@ class AblationPanel(View):
         self._base = None  # (key, uint8 originals, presence)
         rows = W.VBox([W.HTML("<b>original</b>"), self.original, W.HTML("<b>edited</b>"), self.edited,
                        W.HTML("<b>difference</b>"), self.diff])
-        super().__init__(session, [W.HBox([self.samples, self.concept, self.mode]),
+        super().__init__(session, [W.HBox([self.samples, self.concept, self.mode, self.strength]),
                                    W.HBox([self.topk, self.use_topk, self.clear]), self.toggles, rows, self.stats])
         self.add_class("gd-ablation")
         self.edited.add_class("gd-edited")
@@ -47,9 +48,10 @@ class AblationPanel(View):
         self.samples.observe(self.safely(self._samples_changed), names="value")
         self.concept.observe(self.safely(lambda ch: s.update(concept=ch["new"])), names="value")
         self.mode.observe(self.safely(lambda ch: s.update(mode=ch["new"])), names="value")
+        self.strength.observe(self.safely(lambda ch: s.update(strength=ch["new"])), names="value")
         self.use_topk.on_click(self.safely(lambda b: self.switch_top(self.topk.value)))
         self.clear.on_click(self.safely(lambda b: s.update(selection=())))
-        s.observe(self._session_changed, names=["selection", "samples", "mode", "concept", "layer"])
+        s.observe(self._session_changed, names=["selection", "samples", "mode", "concept", "layer", "strength"])
         if s.concept is None:
             s.update(concept=self.concept.value)
         self._build_toggles()
@@ -81,6 +83,10 @@ class AblationPanel(View):
             self.samples.value = _format(new)
         elif name == "mode":
             self.mode.value = new
+        elif name == "strength":
+            self.strength.value = new
+            if s.mode != "insert":
+                return  # ablations do not depend on it
         elif name == "concept" and new is not None and new != self.concept.value:
             self.concept.value = new
         if name in ("concept", "layer", "selection"):
@@ -124,7 +130,8 @@ class AblationPanel(View):
             edited, p1 = orig, p0
         H, W_ = orig.shape[1:3]
         d = float(np.mean(p1 - p0))
-        stats = (f"{mode} {len(units)} unit(s) of {layer}: <b>{concept}</b> pixels "
+        how = f"insert (x{s.strength:g})" if mode == "insert" else mode
+        stats = (f"{how} {len(units)} unit(s) of {layer}: <b>{concept}</b> pixels "
                  f"{100 * np.mean(p0):.2f}% → {100 * np.mean(p1):.2f}% "
                  f"(<b>{'+' if d >= 0 else ''}{100 * d:.2f}</b> points; "
                  f"{int(round(np.sum(p1 - p0) * H * W_)):+d} pixels over {len(samples)} samples)")

@@ -11,7 +11,7 @@ import ipywidgets as W
 from gandissect_widgets.widgets.snapshot import snapshot_png
 from gandissect_widgets.widgets.worker import LatestWins
 
-__all__ = ["View", "image_widget"]
+__all__ = ["View", "image_widget", "strength_slider"]
 
 BUSY_AFTER = 0.15  # seconds before "rendering..." shows
 SNAPSHOT_WAIT = 10.0  # seconds a display waits for the first render, for its static picture
@@ -19,6 +19,13 @@ SNAPSHOT_WAIT = 10.0  # seconds a display waits for the first render, for its st
 
 def image_widget(**layout):
     return W.Image(format="png", layout=W.Layout(**layout) if layout else W.Layout())
+
+
+def strength_slider(session):
+    """The session's insertion strength (a multiple of the units' insertion values)."""
+    return W.FloatSlider(value=session.strength, min=0.5, max=8.0, step=0.5, description="strength",
+                         continuous_update=False, readout_format=".1f",
+                         tooltip="insertions set units to this many times their insertion values")
 
 
 class View(W.VBox):

@@ -14,7 +14,7 @@ import numpy as np
 from ipycanvas import MultiCanvas, hold_canvas
 
 from gandissect_widgets.engine.io import atomic_write_bytes
-from gandissect_widgets.widgets.base import View, image_widget
+from gandissect_widgets.widgets.base import View, image_widget, strength_slider
 from gandissect_widgets.widgets.encode import encode_image, enlarge
 
 __all__ = ["PaintWidget", "Stroke"]
@@ -64,6 +64,7 @@ class PaintWidget(View):
         self.brush = W.IntSlider(value=4, min=1, max=16, description="brush", continuous_update=False)
         self.units = W.IntSlider(value=units, min=1, max=min(50, s.n_units(self.layer.value)), description="units",
                                  continuous_update=False, tooltip="the concept's top units by IoU")
+        self.strength = strength_slider(s)
         self.undo_btn = W.Button(description="undo", icon="undo")
         self.reset_btn = W.Button(description="reset", icon="trash")
         self.export_path = W.Text(value="painted.png", layout=W.Layout(width="180px"))
@@ -78,7 +79,7 @@ class PaintWidget(View):
         self.canvas = MultiCanvas(2, width=W_ * scale, height=H * scale)
         self.canvas.layout.width = f"{W_ * scale}px"
         self.canvas.layout.height = f"{H * scale}px"
-        controls = W.VBox([self.sample, self.concept, self.layer, self.mode, self.brush, self.units,
+        controls = W.VBox([self.sample, self.concept, self.layer, self.mode, self.brush, self.units, self.strength,
                            W.HBox([self.undo_btn, self.reset_btn]), W.HBox([self.export_path, self.export_btn])])
         super().__init__(session, [W.HBox([self.canvas, controls, W.VBox([W.HTML("<b>result</b>"), self.result])])])
         self.add_class("gd-paint")
@@ -95,7 +96,14 @@ class PaintWidget(View):
         self.export_btn.on_click(self.safely(lambda b: self.export(self.export_path.value)))
         self.sample.observe(self.safely(lambda ch: self.reset()), names="value")
         self.concept.observe(self.safely(lambda ch: s.update(concept=ch["new"])), names="value")
+        self.strength.observe(self.safely(lambda ch: s.update(strength=ch["new"])), names="value")
+        s.observe(self._session_changed, names=["strength"])
         self._show(x[0])
+
+    def _session_changed(self, name, old, new):
+        self.strength.value = new
+        if any(st.mode == "draw" for st in self.strokes):  # insertions depend on it
+            self.rerender()
 
     # -- events (canvas pixels) ----------------------------------------------------------------
     def _image_xy(self, x, y):
