@@ -49,15 +49,18 @@ def disc_mask(shape, points, radius) -> np.ndarray:
 
 
 class PaintWidget(View):
-    def __init__(self, session, sample: int = 0, scale: int = 4, units: int = 10):
+    def __init__(self, session, sample: int = 0, scale: int = 4, units: int = 10, layer: str | None = None):
         s = session
         d = s._need_dissection()
+        layer = layer if layer is not None else s.layer
+        if layer is not None and layer not in d.layers:
+            raise ValueError(f"layer {layer!r} was not dissected; dissected layers: {', '.join(d.layers)}")
         self.scale = scale
         self.sample = W.BoundedIntText(value=sample, min=0, max=10 ** 6, description="sample",
                                        layout=W.Layout(width="160px"))
         self.concept = W.Dropdown(options=s.concepts(), value=s.concept or s.concepts()[0], description="concept",
                                   layout=W.Layout(width="220px"))
-        self.layer = W.Dropdown(options=d.layers, value=s.layer if s.layer in d.layers else d.layers[0],
+        self.layer = W.Dropdown(options=d.layers, value=layer if layer in d.layers else d.layers[0],
                                 description="layer", layout=W.Layout(width="180px"))
         self.mode = W.ToggleButtons(options=["draw", "erase"], value="draw",
                                     tooltips=["insert the concept here", "remove the concept here"])
