@@ -52,3 +52,13 @@ def test_ship_a_kept_snapshot(tmp_path):
     assert set(record['frechet_during_training']) == {'2', '4'}
     shipped, kept = state(f'{out}/generator.pt'), state(f'{out}/snapshot_000002.pt')
     assert all(torch.equal(shipped[k], kept[k]) for k in kept)
+
+
+def test_resume_takes_the_command_line_learning_rates(tmp_path):
+    out = str(tmp_path / 'run')
+    train_gan.main(['--out', out, '--steps', '2', '--eval-every', '0'] + TINY)
+    train_gan.main(['--out', out, '--steps', '3', '--eval-every', '0', '--resume', '--lr-g', '5e-5',
+                    '--lr-d', '7e-5'] + TINY)
+    ck = state(f'{out}/checkpoint.pt')
+    assert ck['step'] == 3
+    assert ck['opt_g']['param_groups'][0]['lr'] == 5e-5 and ck['opt_d']['param_groups'][0]['lr'] == 7e-5

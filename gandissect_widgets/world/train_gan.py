@@ -182,6 +182,9 @@ def main(argv=None):
         G_ema.load_state_dict(ck['G_ema'])
         opt_g.load_state_dict(ck['opt_g'])
         opt_d.load_state_dict(ck['opt_d'])
+        for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d)):  # the command line's rates win
+            for group in opt.param_groups:
+                group['lr'] = lr
         zgen.set_state(ck['zgen'])
         step = int(ck['step'])
         best = dict(ck.get('best') or best)
