@@ -187,7 +187,11 @@ def test_static_picture_beside_every_widget(session):
     """Readers without widgets (nbconvert, GitHub) get a PNG of the view; snapshot() freezes
     the current state, and follows the edits."""
     import base64
-    from gandissect_widgets.widgets.snapshot import _as_array
+    import io
+    from PIL import Image
+
+    def _as_array(png):
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     a = AblationPanel(session)
     bundle = a._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == a.model_id

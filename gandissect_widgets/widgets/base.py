@@ -90,7 +90,7 @@ class View(W.VBox):
     def snapshot_png(self, timeout: float = SNAPSHOT_WAIT) -> bytes | None:
         """PNG of what the view shows now (its images, laid out like the view), after the
         render in flight; None before anything was rendered."""
-        if threading.current_thread() is not self.worker._thread:  # never wait on itself
+        if not self.worker.on_worker_thread():
             self.wait(timeout)
         return snapshot_png(self)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 
 import ipywidgets as W
-import numpy as np
 from PIL import Image
 
 __all__ = ["compose", "snapshot_png"]
@@ -73,9 +72,7 @@ def compose(widget):
             return None
         parts = [compose(c) for c in widget.children]
         parts = [p for p in parts if p is not None]
-        if isinstance(widget, (W.HBox, W.GridBox)):
-            return _row(parts) if parts else None
-        return _column(parts)
+        return _row(parts) if isinstance(widget, (W.HBox, W.GridBox)) else _column(parts)
     return None
 
 
@@ -86,8 +83,3 @@ def snapshot_png(widget) -> bytes | None:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def _as_array(png: bytes) -> np.ndarray:
-    """uint8 (H,W,3) of PNG bytes (tests)."""
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

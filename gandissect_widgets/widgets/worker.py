@@ -63,6 +63,10 @@ class LatestWins:
                 if idle and self.on_busy:
                     self.on_busy(False)
 
+    def on_worker_thread(self) -> bool:
+        """Whether the caller runs inside a job (it must not wait for itself)."""
+        return threading.current_thread() is self._thread
+
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until no job is pending or running (tests and scripts)."""
         with self._cv:

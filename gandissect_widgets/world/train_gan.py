@@ -19,7 +19,7 @@ Writes into ``--out``:
     generator.pt           the best EMA state_dict by that distance (the final one without
                            evaluation), float16
     generator.json         the record: command, seed, steps, batch size, wall time, machine
-    generator_samples.png  a grid of final EMA samples
+    generator_samples.png  a grid of samples of the shipped weights
 """
 import argparse
 import copy
@@ -210,9 +210,9 @@ def main(argv=None):
                                commands=commands + [command_line()],
                                args=vars(args)), ckpt_path)
 
-    def samples(name, model=None):
+    def samples(name):
         with torch.no_grad():
-            x = (model or G_ema)(fixed_z)
+            x = G_ema(fixed_z)
         save_grid(x, os.path.join(args.out, name), scale=2)
 
     scorer = []
@@ -311,18 +311,25 @@ def main(argv=None):
     if stopper.stop:
         print(f'stopped at step {step}; resume with --resume', flush=True)
         return
-    state = half_state(G_ema)
-    chosen, chosen_best = None, False
+    ship_path, selection = None, 'final EMA weights'
     if args.ship_step is not None:
-        path = os.path.join(args.out, f'snapshot_{args.ship_step:06d}.pt')
-        if not os.path.exists(path):
-            raise SystemExit(f'--ship-step {args.ship_step}: no {path} (train with --keep-snapshots)')
-        state = torch.load(path, weights_only=True)
-        G_ema.load_state_dict({k: v.float() for k, v in state.items()})
-        chosen = args.ship_step
+        ship_path = os.path.join(args.out, f'snapshot_{args.ship_step:06d}.pt')
+        if not os.path.exists(ship_path):
+            raise SystemExit(f'--ship-step {args.ship_step}: no {ship_path} (train with --keep-snapshots)')
+        selection = dict(kept=f'EMA weights of step {args.ship_step}, chosen with --ship-step',
+                         step=args.ship_step, why=args.ship_note,
+                         frechet_segmenter_features=scores.get(args.ship_step),
+                         best_scored=dict(step=best['step'], frechet_segmenter_features=best['frechet']))
     elif best['step'] is not None and os.path.exists(best_path):
-        chosen_best = True
-        state = torch.load(best_path, weights_only=True)
+        ship_path = best_path
+        selection = dict(kept='EMA weights with the lowest training-time Frechet distance',
+                         step=best['step'], frechet_segmenter_features=best['frechet'],
+                         against=f'{args.eval_samples} renders of world seed {EVAL_WORLD_SEED}, '
+                                 f'{args.eval_samples} samples of sample_z(n, seed=1)')
+    if ship_path is None:
+        state = half_state(G_ema)
+    else:
+        state = torch.load(ship_path, weights_only=True)
         G_ema.load_state_dict({k: v.float() for k, v in state.items()})
     samples('generator_samples.png')
     atomic_torch_save(state, os.path.join(args.out, 'generator.pt'))
@@ -337,16 +344,7 @@ def main(argv=None):
         optimizer=dict(lr_g=args.lr_g, lr_d=args.lr_d, betas=[args.beta1, args.beta2],
                        loss=args.loss, r1=args.r1, r1_every=args.r1_every, ema=args.ema,
                        amp=args.amp),
-        selection=(dict(kept=f'EMA weights of step {chosen}, chosen with --ship-step', step=chosen,
-                        why=args.ship_note,
-                        frechet_segmenter_features=scores.get(chosen),
-                        best_scored=dict(step=best['step'], frechet_segmenter_features=best['frechet']))
-                   if chosen is not None else
-                   dict(kept='EMA weights with the lowest training-time Frechet distance',
-                        step=best['step'], frechet_segmenter_features=best['frechet'],
-                        against=f'{args.eval_samples} renders of world seed {EVAL_WORLD_SEED}, '
-                                f'{args.eval_samples} samples of sample_z(n, seed=1)')
-                   if chosen_best else 'final EMA weights'),
+        selection=selection,
         frechet_during_training={str(k): round(v, 5) for k, v in sorted(scores.items())},
         samples='generator_samples.png: EMA samples of sample_z(64, seed=0)'))
     log.close()
