@@ -2,17 +2,20 @@
 
     python benchmarks/dissect_speed.py [--generator sceneworld] [--segmenter sceneworld]
                                        [--layers layer3 layer4 layer5 layer6] [--samples 512] [--device cpu]
-                                       [--threads T]
+                                       [--threads T] [--rounds 5]
 
 Prints the device, (a) and (b) in seconds over the same N samples, the ratio (b)/(a) (target
 <= 1.3), and the peak memory of dissect() at N and 4N samples, each measured in a fresh
-subprocess (it should not grow with N).
+subprocess (it should not grow with N).  The timings alternate (a) and (b) for ``--rounds``
+rounds in one process and report medians, with the spread of the per-round ratios: a shared
+machine's speed drifts by tens of percent between minutes.
 """
 import argparse
 import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +66,11 @@ def child(a):
     out = {}
     if a.child == "forward":
         out["seconds"] = forward_only(G, S, a.samples, a.batch_size, a.device)
+    elif a.child == "timing":  # (a) and (b) in turn
+        out["forward"], out["dissect"] = [], []
+        for _ in range(a.rounds):
+            out["forward"].append(forward_only(G, S, a.samples, a.batch_size, a.device))
+            out["dissect"].append(run_dissect(G, S, a, a.samples))
     else:
         out["seconds"] = run_dissect(G, S, a, a.samples)
     out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -74,7 +82,8 @@ def child(a):
 def spawn(a, what, n):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--samples", str(n),
            "--generator", a.generator, "--segmenter", a.segmenter, "--device", a.device,
-           "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--layers", *a.layers]
+           "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--rounds", str(a.rounds),
+           "--layers", *a.layers]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -88,6 +97,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds of (a) then (b)")
     p.add_argument("--child", default=None)
     a = p.parse_args()
     if a.child:
@@ -96,11 +106,14 @@ def main():
     print(f"device: {a.device} ({dev}); torch {torch.__version__}; threads {a.threads or torch.get_num_threads()}")
     print(f"generator {a.generator}, segmenter {a.segmenter}, layers {' '.join(a.layers)}, "
           f"N={a.samples}, batch {a.batch_size}")
+    t = spawn(a, "timing", a.samples)
+    ta, tb = statistics.median(t["forward"]), statistics.median(t["dissect"])
+    ratios = sorted(b / f for f, b in zip(t["forward"], t["dissect"]))
+    print(f"(a) generator + segmenter forward: {ta:.2f} s  ({a.samples / ta:.0f} samples/s; median of {a.rounds})")
+    print(f"(b) dissect() of {len(a.layers)} layers:       {tb:.2f} s  ({a.samples / tb:.0f} samples/s)")
+    print(f"ratio (b)/(a): {tb / ta:.2f}  (target <= 1.3; per round {ratios[0]:.2f} to {ratios[-1]:.2f})")
     fa = spawn(a, "forward", a.samples)
     fb = spawn(a, "dissect", a.samples)
-    print(f"(a) generator + segmenter forward: {fa['seconds']:.2f} s  ({a.samples / fa['seconds']:.0f} samples/s)")
-    print(f"(b) dissect() of {len(a.layers)} layers:       {fb['seconds']:.2f} s  ({a.samples / fb['seconds']:.0f} samples/s)")
-    print(f"ratio (b)/(a): {fb['seconds'] / fa['seconds']:.2f}  (target <= 1.3)")
     f4 = spawn(a, "dissect", 4 * a.samples)
     key = "cuda_peak_mb" if "cuda_peak_mb" in fb else "max_rss_mb"
     print(f"peak memory ({key}): N={a.samples}: {fb[key]:.0f} MB; 4N={4 * a.samples}: {f4[key]:.0f} MB; "

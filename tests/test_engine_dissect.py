@@ -1,4 +1,6 @@
 """Dissection against brute-force references on small data, planted units, merging."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 import gandissect_widgets as gw
 from gandissect_widgets.engine.hooks import TraceDict
 from gandissect_widgets.engine.upsample import upsample, upsample_above, upsample_at, upsample_max, upsample_pixels
-from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram, dedupe_channels
+from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram, dedupe_channels, pilot_edges
 from tiny import TinyGenerator, TinySegmenter
 
 
@@ -148,6 +150,33 @@ def test_merge_equals_whole():
         assert int(mask[u]) == int(M.sum())
         for c in range(1, 4):
             assert int(inter[u, c]) == int((M & (seg == c).any(1)).sum())
+
+
+def test_bins_are_exact_for_even_uneven_and_flat_edges():
+    """A value's bin j holds e_{j-1} < v <= e_j: the number of edges below it, brute force.
+    Evenly spaced edges are binned by arithmetic; values on an edge, a hair either side of one,
+    uneven edges and a unit whose edges all coincide must still land exactly."""
+    g = torch.Generator().manual_seed(5)
+    even = pilot_edges(torch.randn(3, 4000, generator=g) * torch.tensor([[1.0], [30.0], [1e-3]]), 0.99, 32)
+    uneven = torch.sort(torch.randn(2, 32, generator=g) ** 3, 1).values
+    flat = torch.full((1, 32), 0.25)
+    coarse = torch.linspace(1000, 1000.001, 32)[None]  # float32 cannot space these evenly
+    edges = torch.cat([even, uneven, flat, coarse])
+    hist = TailHistogram(edges, 3)
+    u = torch.arange(7).repeat_interleave(400)
+    on_edge = edges[u, torch.randint(0, 32, (u.numel(),), generator=g)]
+    nudged = torch.stack([on_edge, on_edge.nextafter(torch.tensor(math.inf)), on_edge.nextafter(torch.tensor(-math.inf)),
+                          on_edge + torch.rand(u.numel(), generator=g) * (edges[:, -1] - edges[:, 0] + 1)[u]], 1)
+    for dtype in (torch.float32, torch.float64):
+        vals = nudged.to(dtype).reshape(-1)
+        uu = u.repeat_interleave(4)
+        keep = vals > edges[uu, 0].to(dtype)  # only the tail is binned
+        vals, uu = torch.cat([vals[keep], torch.tensor([math.inf] * 7, dtype=dtype)]), torch.cat([uu[keep], torch.arange(7)])
+        truth = (edges[uu].to(dtype) < vals[:, None]).sum(1)
+        assert torch.equal(hist.bin_of(vals, uu), truth), dtype
+        # grouped: value i belongs to unit groups[m[i]]
+        groups, m = torch.unique(uu, return_inverse=True)
+        assert torch.equal(hist.bin_of(vals, groups, m), truth)
 
 
 def test_merge_rejects_different_edges():

@@ -36,18 +36,19 @@ from gandissect_widgets.engine.protocols import (ProtocolError, check_generator,
 from gandissect_widgets.engine.results import Dissection
 from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHistogram,
                                              dedupe_channels, pilot_edges)
-from gandissect_widgets.engine.upsample import upsample_above, upsample_max, upsample_pixels
+from gandissect_widgets.engine.upsample import upsample_above_grouped, upsample_max, upsample_pixels
 
 __all__ = ["dissect", "ENGINE_VERSION"]
 
-ENGINE_VERSION = 2  # 2: pilot window (0.01, 0.008) below/above the quantile
+ENGINE_VERSION = 3  # 2: pilot window (0.01, 0.008) below/above the quantile; 3: evenly spaced edges,
+# window (0.005, 0.004), pilot of 512 samples x 64 pixels
 _CHUNK_ELEMENTS = 1 << 25  # upsampled values (at most) held at once per layer
 _PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
 
 
 def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, quantile: float = 0.99,
             batch_size: int = 32, device=None, cache_dir=None, topk: int = 20, bins: int = 128,
-            pilot_samples: int = 128, pilot_pixels: int = 256, rank_tolerance: float = 5e-4,
+            pilot_samples: int = 512, pilot_pixels: int = 64, rank_tolerance: float = 5e-4,
             checkpoint_every: float = 60.0, progress: bool = True,
             generator_name: str | None = None, segmenter_name: str | None = None) -> Dissection:
     """Dissect ``layers`` of ``generator`` against ``segmenter`` over ``n_samples`` latents.
@@ -149,18 +150,19 @@ def _unit_chunks(r, size):
     return [(u0, min(u0 + per, U)) for u0 in range(0, U, per)]
 
 
-def _sample_maxima(r, size, topk):
-    """(N,U) per-sample maxima of the upsampled maps, computed only for the samples that can
-    enter ``topk`` (the raw maximum bounds the upsampled one, up to rounding); -inf for the others."""
+def _sample_maxima(r, size, topk, known):
+    """(N,U) per-sample maxima of the upsampled maps where they can enter ``topk``: ``known``
+    holds those of the maps with values above the histogram floor (read from the tail, so the
+    same bits); the others are computed only if the raw maximum (a bound on the upsampled one,
+    up to rounding) reaches the k-th value kept so far; -inf where a map cannot enter."""
     r = r.float()
-    maxima = torch.full(r.shape[:2], -math.inf, device=r.device)
     raw = r.amax((2, 3))
-    n, u = torch.nonzero(raw + raw.abs() * 1e-6 >= topk.kth()[None], as_tuple=True)
+    n, u = torch.nonzero((known == -math.inf) & (raw + raw.abs() * 1e-6 >= topk.kth()[None]), as_tuple=True)
     per = max(1, _CHUNK_ELEMENTS // max(1, size[0] * size[1]))
     for i in range(0, n.numel(), per):
         nn, uu = n[i:i + per], u[i:i + per]
-        maxima[nn, uu] = upsample_max(r[nn, uu][:, None], size)[:, 0]
-    return maxima
+        known[nn, uu] = upsample_max(r[nn, uu][:, None], size)[:, 0]
+    return known
 
 
 class _Run:
@@ -337,14 +339,20 @@ class _Run:
         ids = torch.arange(i0, i1, device=self.device)
         for name, st in stats.items():
             r = acts[name].float()
-            if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
-                st.moments.add(r)
-                st.topk.add(_sample_maxima(r, self.seg_grid, st.topk), ids)
             st.hist.count_pixels(seg)
             low = st.hist.edges[:, 0]
+            maxima = torch.full(r.shape[:2], -math.inf, device=r.device)
             for u0, u1 in _unit_chunks(r, self.seg_grid):  # only the tail is ever interpolated
-                n, u, pix, v = upsample_above(r[:, u0:u1], self.seg_grid, low[u0:u1])
-                st.hist.add_tail(n, u + u0, pix, v, seg)
+                n, u, m, pix, v = upsample_above_grouped(r[:, u0:u1], self.seg_grid, low[u0:u1])
+                st.hist.add_tail(n, u + u0, pix, v, seg, m=m)
+                if moments:  # the maxima of the maps that reach the tail, read from the tail
+                    tile = torch.full((n.numel(),), -math.inf, device=r.device).scatter_reduce_(0, m, v, "amax")
+                    part = torch.full((r.shape[0] * (u1 - u0),), -math.inf, device=r.device)
+                    part.scatter_reduce_(0, n * (u1 - u0) + u, tile, "amax")
+                    maxima[:, u0:u1] = part.view(r.shape[0], u1 - u0)
+            if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
+                st.moments.add(r)
+                st.topk.add(_sample_maxima(r, self.seg_grid, st.topk, maxima), ids)
 
     def refine(self, max_rounds: int = 4):
         target = 1 - self.q

@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample", "upsample_above", "upsample_max", "upsample_at", "upsample_pixels", "pool_mask"]
+__all__ = ["upsample", "upsample_above", "upsample_above_grouped", "upsample_max", "upsample_at", "upsample_pixels", "pool_mask"]
 
 
 @functools.lru_cache(maxsize=128)
@@ -38,22 +38,6 @@ def _taps(n_in: int, n_out: int, device: str, dtype: torch.dtype):
     w1 = torch.where(i1 == i0, torch.zeros_like(w1), w1)
     dev = torch.device(device)
     return i0.to(dev), i1.to(dev), (1 - w1).to(dev, dtype), w1.to(dev, dtype)
-
-
-@functools.lru_cache(maxsize=128)
-def _cells(n_in: int, n_out: int, device: str):
-    """Output indices grouped into cells that blend the same two sources: the first index of
-    each cell (G,), and the cell's indices padded with -1 to a rectangle (G, P)."""
-    i0, i1, _, _ = _taps(n_in, n_out, "cpu", torch.float64)
-    new = torch.ones(n_out, dtype=torch.bool)
-    new[1:] = (i0[1:] != i0[:-1]) | (i1[1:] != i1[:-1])
-    first = torch.nonzero(new).squeeze(1)
-    last = torch.cat([first[1:] - 1, torch.tensor([n_out - 1])])
-    P = int((last - first).max()) + 1
-    members = first[:, None] + torch.arange(P)[None]
-    members = torch.where(members <= last[:, None], members, torch.full_like(members, -1))
-    dev = torch.device(device)
-    return first.to(dev), last.to(dev), members.to(dev)
 
 
 @functools.lru_cache(maxsize=128)
@@ -134,52 +118,84 @@ def upsample_at(r: torch.Tensor, size, rows=None, cols=None) -> torch.Tensor:
 
 def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor) -> torch.Tensor:
     """(N,C,h,w), flat pixel indices (N,S) of the (H,W) grid -> (N,C,S): the upsampled values
-    of every channel at each sample's own pixels."""
+    of every channel at each sample's own pixels, from their four sources only."""
     H, W = _size(size)
     r = _float(r)
-    N, C, h, _ = r.shape
-    x = _along_width(r, W, _selects(r)).reshape(N, C, h * W)
-    i0, i1, w0, w1 = _taps(h, H, str(r.device), r.dtype)
-    pixels = pixels.to(r.device).long()
-    y, col = pixels // W, pixels % W
-    a = x.gather(2, (i0[y] * W + col)[:, None].expand(-1, C, -1))
-    b = x.gather(2, (i1[y] * W + col)[:, None].expand(-1, C, -1))
-    return a * w0[y][:, None] + b * w1[y][:, None]
+    N, C, h, w = r.shape
+    dev = r.device
+    pixels = pixels.to(dev).long()
+    y, x = pixels // W, pixels % W
+    i0, i1, w0, w1 = (t[y] for t in _taps(h, H, str(dev), r.dtype))
+    j0, j1, v0, v1 = (t[x] for t in _taps(w, W, str(dev), r.dtype))
+    v0, v1 = v0[:, None], v1[:, None]
+    flat = r.reshape(N, C, h * w)
+
+    def source(row, col):
+        return flat.gather(2, (row * w + col)[:, None].expand(-1, C, -1))
+
+    # as in _along_width, then _along_height: the same products and sums, so the same bits
+    top = source(i0, j0) * v0 + source(i0, j1) * v1
+    bottom = source(i1, j0) * v0 + source(i1, j1) * v1
+    return top * w0[:, None] + bottom * w1[:, None]
 
 
 def upsample_max(r: torch.Tensor, size) -> torch.Tensor:
     """(N,C,h,w) -> (N,C): the maximum of each upsampled map, from the corner pixels of the
-    interpolation cells only (equal to ``upsample(r, size).amax((2, 3))`` up to rounding)."""
+    interpolation tiles only (equal to ``upsample(r, size).amax((2, 3))`` up to rounding)."""
     H, W = _size(size)
     r = _float(r)
-    dev = str(r.device)
-    rf, rl, _ = _cells(r.shape[-2], H, dev)
-    cf, cl, _ = _cells(r.shape[-1], W, dev)
-    rows = torch.unique(torch.cat([rf, rl]))
-    cols = torch.unique(torch.cat([cf, cl]))
+    rows, cols = (_corners(n, size) for n, size in ((r.shape[-2], H), (r.shape[-1], W)))
     select = _selects(r)
     return _along_height(_along_width(r, W, select, cols), H, select, rows).amax((-2, -1))
 
 
 @functools.lru_cache(maxsize=128)
-def _cell_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dtype):
-    """For the cells of the (H,W) grid (row cell g x column cell k): their source rows and
-    columns, the weights of their rows (G,P) and columns (K,Q), NaN where a cell is padded (so
-    padding never passes a comparison), and the flat pixel of each cell's slot (G*K, P*Q)."""
-    rfirst, _, rmem = _cells(h, H, "cpu")
-    cfirst, _, cmem = _cells(w, W, "cpu")
-    ri0, ri1, rw0, rw1 = _taps(h, H, "cpu", dtype)
-    ci0, ci1, cw0, cw1 = _taps(w, W, "cpu", dtype)
+def _tiles(n_in: int, n_out: int):
+    """Output indices cut into tiles that blend the same two sources and hold at most
+    ceil(n_out / n_in) indices (a cell longer than that, at a clamped edge, is cut in two):
+    the tiles' sources (G,), (G,) and their indices padded with -1 to a rectangle (G, P)."""
+    i0, i1, _, _ = _taps(n_in, n_out, "cpu", torch.float64)
+    most = max(1, -(-n_out // n_in))
+    tiles, run = [], [0]
+    for o in range(1, n_out):
+        if i0[o] == i0[o - 1] and i1[o] == i1[o - 1] and len(run) < most:
+            run.append(o)
+        else:
+            tiles.append(run)
+            run = [o]
+    tiles.append(run)
+    P = max(len(t) for t in tiles)
+    members = torch.tensor([t + [-1] * (P - len(t)) for t in tiles], dtype=torch.long)
+    first = members[:, 0]
+    return i0[first], i1[first], members
+
+
+def _corners(n_in: int, n_out: int) -> list:
+    """The first and last output index of every tile: where a bilinear map peaks along an axis."""
+    _, _, members = _tiles(n_in, n_out)
+    last = members.max(1).values
+    return sorted(set(members[:, 0].tolist()) | set(last.tolist()))
+
+
+@functools.lru_cache(maxsize=128)
+def _tile_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dtype):
+    """For the tiles of the (H,W) grid (row tile g x column tile k): their source rows and
+    columns, the weights of their rows (G,P) and columns (K,Q), NaN where a tile is padded (so
+    padding never passes a comparison), and the flat pixel of each tile's slot (G*K, P*Q)."""
+    ra0, ra1, rmem = _tiles(h, H)
+    ca0, ca1, cmem = _tiles(w, W)
+    _, _, rw0, rw1 = _taps(h, H, "cpu", dtype)
+    _, _, cw0, cw1 = _taps(w, W, "cpu", dtype)
     nan = torch.tensor(float("nan"), dtype=dtype)
 
-    def weights(mem, w):
-        return torch.where(mem >= 0, w[mem.clamp(min=0)], nan)
+    def weights(mem, wt):
+        return torch.where(mem >= 0, wt[mem.clamp(min=0)], nan)
 
     pix = rmem.clamp(min=0)[:, None, :, None] * W + cmem.clamp(min=0)[None, :, None, :]
     G, P, K, Q = rmem.shape + cmem.shape
     dev = torch.device(device)
-    out = (ri0[rfirst], ri1[rfirst], ci0[cfirst], ci1[cfirst], weights(rmem, rw0), weights(rmem, rw1),
-           weights(cmem, cw0), weights(cmem, cw1), pix.reshape(G * K, P * Q))
+    out = (ra0, ra1, ca0, ca1, weights(rmem, rw0), weights(rmem, rw1), weights(cmem, cw0),
+           weights(cmem, cw1), pix.reshape(G * K, P * Q))
     return tuple(t.to(dev) for t in out)
 
 
@@ -188,36 +204,62 @@ def upsample_above(r: torch.Tensor, size, low: torch.Tensor):
 
     Returns ``(n, c, pixel, value)``: sample, channel, flat pixel index ``y * W + x`` and the
     value, equal bit for bit to ``upsample(r, size)[n, c].flatten()[pixel]``; in no particular
-    order.  The output grid is cut into cells that blend the same four sources; a cell is
+    order.  The output grid is cut into tiles that blend the same four sources; a tile is
     interpolated only if the largest of its four sources exceeds the floor (a bilinear value is
-    a convex combination of them), which for a top-1% floor is a small fraction of the cells.
+    a convex combination of them), which for a top-1% floor is a small fraction of the tiles.
     """
+    n, c, m, pix, v = upsample_above_grouped(r, size, low)
+    return n[m], c[m], pix, v
+
+
+def upsample_above_grouped(r: torch.Tensor, size, low: torch.Tensor):
+    """``upsample_above`` grouped by tile, for callers that work per tile: ``(n, c, m, pixel,
+    value)`` where pixel i lies in tile ``m[i]``, of sample ``n[m[i]]`` and channel ``c[m[i]]``."""
     H, W = _size(size)
     r = _float(r)
     N, C, h, w = r.shape
-    a0, a1, b0, b1, rw0, rw1, cw0, cw1, pix = _cell_tables(h, w, H, W, str(r.device), r.dtype)
+    a0, a1, b0, b1, rw0, rw1, cw0, cw1, pix = _tile_tables(h, w, H, W, str(r.device), r.dtype)
     G, P = rw0.shape
     K, Q = cw0.shape
     low = low.to(r.device, r.dtype)
     select = _selects(r)
-    rows = (_pick(r, a0, -2, select), _pick(r, a1, -2, select))
-    corners = torch.stack([_pick(x, b, -1, select) for x in rows for b in (b0, b1)], -1)  # (N,C,G,K,4)
-    # the margin covers the rounding of a blend (a few units in the last place of the sources)
-    bound = corners.amax(-1) + corners.abs().amax(-1) * 1e-6
-    cell = torch.nonzero((bound > low.view(1, C, 1, 1)).view(-1)).squeeze(1)
-    cs = corners.view(-1, 4)[cell]                                            # (M,4)
-    gk = cell % (G * K)
-    c = (cell // (G * K)) % C
-    n = cell // (G * K * C)
-    g, k = gk // K, gk % K
-    wx0, wx1 = cw0[k], cw1[k]                                                 # (M,Q)
+    rows = torch.maximum(_pick(r, a0, -2, select), _pick(r, a1, -2, select))        # (N,C,G,w)
+    bound = torch.maximum(_pick(rows, b0, -1, select), _pick(rows, b1, -1, select))  # (N,C,G,K)
+    # a blend may round above its largest source by a few units in the last place of the
+    # sources: lower the floor by a margin that covers it
+    if select:
+        mag = r.abs()
+        mag = torch.where(torch.isfinite(mag), mag, torch.zeros((), dtype=mag.dtype, device=mag.device)).amax((0, 2, 3))
+    else:
+        mag = torch.maximum(r.amax((0, 2, 3)), r.amin((0, 2, 3)).neg_())
+    floor = low - mag * 1e-6
+    tile = torch.nonzero((bound > floor.view(1, C, 1, 1)).view(-1)).squeeze(1)
+    nc = tile // (G * K)
+    gk = tile - nc * (G * K)
+    c = nc % C
+    g = gk // K
+    k = gk - g * K
+    flat = r.reshape(-1)
+
+    def pick(table, i):
+        return table.index_select(0, i)
+
+    top, bottom = nc * (h * w) + pick(a0, g) * w, nc * (h * w) + pick(a1, g) * w
+    left, right = pick(b0, k), pick(b1, k)
+    c00, c01 = pick(flat, top + left)[:, None], pick(flat, top + right)[:, None]
+    c10, c11 = pick(flat, bottom + left)[:, None], pick(flat, bottom + right)[:, None]
+    wx0, wx1 = pick(cw0, k), pick(cw1, k)                                     # (M,Q)
     # as in _along_width, then _along_height: the same products and sums, so the same bits
-    h0 = cs[:, 0:1] * wx0 + cs[:, 1:2] * wx1
-    h1 = cs[:, 2:3] * wx0 + cs[:, 3:4] * wx1
-    v = h0[:, None, :] * rw0[g][:, :, None] + h1[:, None, :] * rw1[g][:, :, None]  # (M,P,Q)
-    j = torch.nonzero((v > low[c].view(-1, 1, 1)).view(-1)).squeeze(1)
-    m, pq = j // (P * Q), j % (P * Q)
-    return n[m], c[m], pix[gk[m], pq], v.view(-1)[j]
+    h0 = c00 * wx0 + c01 * wx1
+    h1 = c10 * wx0 + c11 * wx1
+    v = h0[:, None, :] * pick(rw0, g)[:, :, None]
+    v += h1[:, None, :] * pick(rw1, g)[:, :, None]                          # (M,P,Q)
+    j = torch.nonzero((v > pick(low, c).view(-1, 1, 1)).view(-1)).squeeze(1)
+    PQ = P * Q
+    m = j >> (PQ.bit_length() - 1) if PQ & (PQ - 1) == 0 else j // PQ
+    # slot j of tile m is slot j - m*P*Q of its tile pattern gk[m]
+    shift = (gk - torch.arange(gk.numel(), device=gk.device)) * PQ
+    return nc // C, c, m, pix.view(-1).index_select(0, pick(shift, m).add_(j)), v.view(-1).index_select(0, j)
 
 
 def pool_mask(mask: torch.Tensor, size, mode: str = "max") -> torch.Tensor:
