@@ -179,6 +179,21 @@ def test_bins_are_exact_for_even_uneven_and_flat_edges():
         assert torch.equal(hist.bin_of(vals, groups, m), truth)
 
 
+def test_half_values_and_empty_batches():
+    """Half-precision values are binned against the float32 edges, not rounded ones; an empty
+    batch has an empty tail."""
+    h = TailHistogram(torch.tensor([[0.5, 0.99999994]]), 1)
+    one = torch.zeros(1, dtype=torch.long)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert h.bin_of(torch.tensor([1.0], dtype=dtype), one).tolist() == [2]
+    h.add(torch.ones(1, 1, 1, 1, dtype=torch.float16), torch.zeros(1, 1, 1, 1, dtype=torch.long))
+    assert h.hist.tolist() == [[0, 0, 1]]
+    n, c, pix, v = upsample_above(torch.randn(0, 3, 4, 4), (8, 8), torch.zeros(3))
+    assert n.numel() == c.numel() == pix.numel() == v.numel() == 0
+    with pytest.raises(ValueError, match="at most"):
+        TailHistogram(torch.zeros(1, 5000), 2)
+
+
 def test_merge_rejects_different_edges():
     acts, seg, edges = _split_stats()
     with pytest.raises(ValueError, match="different edges"):

@@ -51,6 +51,7 @@ class FlatGenerator(TinyGenerator):
     (lambda: run(G=FlatGenerator()), r"float image batch \(N,3,H,W\)"),
     (lambda: run(n_samples=0), r"n_samples must be an integer >= 1"),
     (lambda: run(quantile=1.5), r"quantile must be in"),
+    (lambda: run(bins=4096), r"bins must be an integer >= 16 and <= 1024"),
     (lambda: run(layers=[]), r"at least one layer"),
     (lambda: run(layers=["layer2.conv"], n_samples=4), None),  # nested path is fine
 ])

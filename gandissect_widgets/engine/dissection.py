@@ -34,7 +34,7 @@ from gandissect_widgets.engine.protocols import (ProtocolError, check_generator,
                                                  check_segmenter, fingerprint, model_device,
                                                  sample_latents, segment)
 from gandissect_widgets.engine.results import Dissection
-from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHistogram,
+from gandissect_widgets.engine.stats import (MAX_BINS, RunningMoments, RunningTopK, TailHistogram,
                                              dedupe_channels, pilot_edges)
 from gandissect_widgets.engine.upsample import upsample_above_grouped, upsample_max, upsample_pixels
 
@@ -113,10 +113,11 @@ def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk, bins,
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers repeated in {layers}")
     resolve_layers(G, layers)
-    for name, val, lo in (("n_samples", n_samples, 1), ("batch_size", batch_size, 1), ("topk", topk, 1),
-                          ("bins", bins, 16), ("pilot_samples", pilot_samples, 1), ("pilot_pixels", pilot_pixels, 16)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+    for name, val, lo, hi in (("n_samples", n_samples, 1, None), ("batch_size", batch_size, 1, None),
+                              ("topk", topk, 1, None), ("bins", bins, 16, MAX_BINS),
+                              ("pilot_samples", pilot_samples, 1, None), ("pilot_pixels", pilot_pixels, 16, None)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo or (hi and val > hi):
+            raise ValueError(f"{name} must be an integer >= {lo}{f' and <= {hi}' if hi else ''}, got {val!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not (isinstance(quantile, (float, int)) and 0.5 <= quantile < 1):

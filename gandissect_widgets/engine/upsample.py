@@ -218,6 +218,9 @@ def upsample_above_grouped(r: torch.Tensor, size, low: torch.Tensor):
     H, W = _size(size)
     r = _float(r)
     N, C, h, w = r.shape
+    if r.numel() == 0:
+        none = torch.zeros(0, dtype=torch.long, device=r.device)
+        return none, none, none, none, torch.zeros(0, dtype=r.dtype, device=r.device)
     a0, a1, b0, b1, rw0, rw1, cw0, cw1, pix = _tile_tables(h, w, H, W, str(r.device), r.dtype)
     G, P = rw0.shape
     K, Q = cw0.shape
