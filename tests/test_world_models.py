@@ -123,7 +123,7 @@ def test_gan_samples_look_like_renders(G, S):
     f = numpy.bincount(fake.numpy().ravel(), minlength=len(LABELS)) / fake.numel()
     r = numpy.bincount(real.ravel(), minlength=len(LABELS)) / real.size
     # Groups (quality.json has every label): the shipped GAN draws too little water and road
-    # (they become grass), about half the renders' trees, and few mountains.
+    # (they become grass), half the renders' windows and doors, and few mountains.
     groups = {'sky': (['sky', 'cloud', 'sun'], 0.05), 'ground': (['grass', 'water', 'road'], 0.05),
               'building': (['building', 'roof', 'window', 'door'], 0.04), 'tree': (['tree'], 0.025)}
     for group, (names, tol) in groups.items():

@@ -41,6 +41,22 @@ def test_empty_and_bad_arguments():
         render(-1)
     with pytest.raises(ValueError, match='size'):
         render(1, size=8)
+    with pytest.raises(ValueError, match='tree_scale'):
+        render(1, tree_scale=0)
+
+
+def test_tree_scale_grows_trees_only():
+    """The world parameter the shipped models were trained on: the same scenes, larger trees."""
+    from gandissect_widgets.world.render import TREE_SCALE
+    _, small = render(200, seed=4, tree_scale=1.0)
+    _, default = render(200, seed=4)
+    _, large = render(200, seed=4, tree_scale=TREE_SCALE)
+    assert TREE_SCALE > 1 and numpy.array_equal(default, large)
+    tree = L['tree']
+    assert (large == tree).mean() > 2 * (small == tree).mean()
+    # the rest of the world is untouched: where neither has a tree, the labels agree
+    neither = (small != tree) & (large != tree)
+    assert (small[neither] == large[neither]).mean() > 0.97
 
 
 def test_determinism_prefix_and_offset():

@@ -62,3 +62,19 @@ def test_resume_takes_the_command_line_learning_rates(tmp_path):
     ck = state(f'{out}/checkpoint.pt')
     assert ck['step'] == 3
     assert ck['opt_g']['param_groups'][0]['lr'] == 5e-5 and ck['opt_d']['param_groups'][0]['lr'] == 7e-5
+
+
+def test_resume_on_a_changed_world_restarts_scoring(tmp_path):
+    out = str(tmp_path / 'run')
+    args = ['--out', out, '--eval-every', '2', '--eval-samples', '16'] + TINY
+    train_gan.main(args + ['--steps', '4', '--tree-scale', '1.0'])
+    assert state(f'{out}/checkpoint.pt')['best']['step'] in (2, 4)
+    train_gan.main(args + ['--steps', '6', '--resume', '--tree-scale', '1.6'])
+    record = json.load(open(f'{out}/generator.json'))
+    assert record['worlds'] == [{'from_step': 0, 'tree_scale': 1.0}, {'from_step': 4, 'tree_scale': 1.6}]
+    # only scores of the new world: the best of the old one cannot ship
+    assert set(record['frechet_during_training']) == {'6'} and record['selection']['step'] == 6
+    assert record['commands'][0].endswith('--tree-scale 1.0')  # ran before the world changed
+    train_gan.main(args + ['--steps', '8', '--resume', '--tree-scale', '1.6'])  # the log's old scores stay out
+    record = json.load(open(f'{out}/generator.json'))
+    assert set(record['frechet_during_training']) == {'6', '8'} and len(record['worlds']) == 2

@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .render import render, to_tensor
+from .render import TREE_SCALE, render, to_tensor
 from ._training import (atomic_torch_save, command_line, machine_info, save_grid,
                         write_record, Timer, StopSignal, args_command)
 from .gan import SceneGenerator, SceneDiscriminator, DEFAULT_WIDTHS, ZDIM
@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint-minutes', type=float, default=4.0)
     p.add_argument('--sample-every', type=int, default=500)
     p.add_argument('--log-every', type=int, default=50)
+    p.add_argument('--tree-scale', type=float, default=TREE_SCALE,
+                   help='world parameter: size of trees (render(tree_scale=...)); resuming with another '
+                        'value fine-tunes the run on the changed world and restarts its scoring')
     return p.parse_args(argv)
 
 
@@ -108,8 +111,8 @@ class ThreadChooser:
             self.times.setdefault(self.current, []).append(seconds)
 
 
-def real_batch(step, batch_size, seed, device):
-    images, _ = render(batch_size, seed=1000 + seed, start=step * batch_size)
+def real_batch(step, batch_size, seed, device, tree_scale=TREE_SCALE):
+    images, _ = render(batch_size, seed=1000 + seed, start=step * batch_size, tree_scale=tree_scale)
     return to_tensor(images).to(device)
 
 
@@ -120,14 +123,15 @@ class FrechetScore:
     """Fréchet distance in the shipped segmenter's feature space between ``n`` samples of a
     generator (latents ``sample_z(n, seed=1)``) and ``n`` renders of world seed 555."""
 
-    def __init__(self, n, device):
+    def __init__(self, n, device, tree_scale=TREE_SCALE):
         from ..engine.frechet import feature_stats, frechet_distance, segmenter_features
         from .segmenter import load_segmenter
         self.n, self.device = n, device
         self.feature_stats, self.frechet_distance = feature_stats, frechet_distance
         self.feat = segmenter_features(load_segmenter(device=device))
         self.ref = feature_stats(torch.cat([
-            self.feat(to_tensor(render(min(250, n - i), seed=EVAL_WORLD_SEED, start=i)[0]).to(device))
+            self.feat(to_tensor(render(min(250, n - i), seed=EVAL_WORLD_SEED, start=i,
+                                       tree_scale=tree_scale)[0]).to(device))
             for i in range(0, n, 250)]).numpy())
 
     def __call__(self, G):
@@ -174,6 +178,7 @@ def main(argv=None):
     scores = {}
     timer = Timer()
     commands = []
+    worlds = [dict(from_step=0, tree_scale=args.tree_scale)]
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -188,10 +193,21 @@ def main(argv=None):
         zgen.set_state(ck['zgen'])
         step = int(ck['step'])
         best = dict(ck.get('best') or best)
-        scores = {int(k): v for k, v in (ck.get('scores') or {}).items()}
-        scores = {**logged_scores(os.path.join(args.out, 'log.txt'), step), **scores}
         timer = Timer(float(ck['wall_time']))
         commands = list(ck.get('commands') or [args_command(ck['args'])])
+        worlds = list(ck.get('worlds') or [dict(from_step=0, tree_scale=ck['args'].get('tree_scale', 1.0))])
+        scores = {int(k): v for k, v in (ck.get('scores') or {}).items()}
+        logged = logged_scores(os.path.join(args.out, 'log.txt'), step)
+        scores = {**{k: v for k, v in logged.items() if k > worlds[-1]['from_step']}, **scores}
+        if worlds[-1]['tree_scale'] != args.tree_scale:
+            # the data changed: earlier scores measured another world, and the commands that
+            # ran before the option existed ran with the default of their time
+            old = worlds[-1]['tree_scale']
+            commands = [c if '--tree-scale' in c else f'{c} --tree-scale {old}' for c in commands]
+            worlds.append(dict(from_step=step, tree_scale=args.tree_scale))
+            best, scores = dict(step=None, frechet=None), {}
+            print(f'world changed at step {step}: tree scale {old} -> {args.tree_scale}; scoring restarts',
+                  flush=True)
         print(f'resumed from {ckpt_path} at step {step}', flush=True)
     elif args.resume:
         print(f'--resume: no checkpoint at {ckpt_path}, starting from scratch', flush=True)
@@ -206,7 +222,7 @@ def main(argv=None):
         atomic_torch_save(dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),
                                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
                                zgen=zgen.get_state(), step=step, wall_time=timer.elapsed,
-                               best=best, scores=scores,
+                               best=best, scores=scores, worlds=worlds,
                                commands=commands + [command_line()],
                                args=vars(args)), ckpt_path)
 
@@ -219,7 +235,7 @@ def main(argv=None):
 
     def score(model):  # built on first use: a run that only ships a snapshot needs none
         if not scorer:
-            scorer.append(FrechetScore(args.eval_samples, device))
+            scorer.append(FrechetScore(args.eval_samples, device, args.tree_scale))
         return scorer[0](model)
 
     best_path = os.path.join(args.out, 'best_generator.pt')
@@ -240,7 +256,7 @@ def main(argv=None):
     while step < args.steps and not stopper.stop:
         threads.before(step)
         t_step = time.time()
-        real = real_batch(step, B, args.seed, device)
+        real = real_batch(step, B, args.seed, device, args.tree_scale)
         z = torch.randn(B, G.zdim, generator=zgen).to(device)
         with amp:
             fake = G(z)
@@ -337,7 +353,8 @@ def main(argv=None):
         what='SceneWorld generator: EMA weights (float16 state_dict of SceneGenerator)',
         command=command_line(), commands=commands + [command_line()],
         seed=args.seed, steps=step, batch_size=B,
-        data=f'render(B, seed={1000 + args.seed}, start=step*B), fresh every step',
+        data=f'render(B, seed={1000 + args.seed}, start=step*B, tree_scale=...), fresh every step',
+        worlds=worlds,
         wall_time_s=round(timer.elapsed, 1), device=str(device), machine=machine_info(),
         torch=torch.__version__, model=G.config(), parameters=nparams,
         discriminator=dict(widths=d_widths, spectral_norm=bool(args.d_sn)),

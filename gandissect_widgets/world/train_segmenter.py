@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .render import LABELS, render, to_tensor
+from .render import LABELS, TREE_SCALE, render, to_tensor
 from ._training import (atomic_torch_save, command_line, machine_info, write_record,
                         Timer, StopSignal, args_command)
 from .segmenter import SceneSegmenter, DEFAULT_SEG_WIDTHS
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument('--eval-images', type=int, default=500)
     p.add_argument('--checkpoint-minutes', type=float, default=4.0)
     p.add_argument('--log-every', type=int, default=50)
+    p.add_argument('--tree-scale', type=float, default=TREE_SCALE,
+                   help='world parameter: size of trees (render(tree_scale=...)); evaluation too')
     return p.parse_args(argv)
 
 
@@ -72,13 +74,13 @@ def augment(x, gen):
     return x.clamp(-1, 1)
 
 
-def batch(step, batch_size, seed, device):
-    images, labels = render(batch_size, seed=2000 + seed, start=step * batch_size)
+def batch(step, batch_size, seed, device, tree_scale=TREE_SCALE):
+    images, labels = render(batch_size, seed=2000 + seed, start=step * batch_size, tree_scale=tree_scale)
     return to_tensor(images).to(device), torch.from_numpy(labels).long().to(device)
 
 
 @torch.no_grad()
-def evaluate(model, n=500, seed=EVAL_SEED, device='cpu', batch_size=100):
+def evaluate(model, n=500, seed=EVAL_SEED, device='cpu', batch_size=100, tree_scale=TREE_SCALE):
     """Per-class IoU (dataset-level ratio of sums) of ``model`` on ``n`` renders of world
     ``seed``. Returns (per-class dict name -> IoU or None when absent, mean IoU over present
     classes, pixel accuracy)."""
@@ -88,7 +90,7 @@ def evaluate(model, n=500, seed=EVAL_SEED, device='cpu', batch_size=100):
     correct = total = 0
     for s in range(0, n, batch_size):
         m = min(batch_size, n - s)
-        images, labels = render(m, seed=seed, start=s)
+        images, labels = render(m, seed=seed, start=s, tree_scale=tree_scale)
         pred = model(to_tensor(images).to(device)).cpu()
         truth = torch.from_numpy(labels).long()
         correct += (pred == truth).sum().item()
@@ -146,7 +148,7 @@ def main(argv=None):
         lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group['lr'] = lr
-        x, y = batch(step, args.batch_size, args.seed, device)
+        x, y = batch(step, args.batch_size, args.seed, device, args.tree_scale)
         x = augment(x, gen)
         loss = F.cross_entropy(model.logits(x), y)
         opt.zero_grad(set_to_none=True)
@@ -170,7 +172,7 @@ def main(argv=None):
         return
     model.eval()
     train_time = timer.elapsed
-    ious, miou, pixacc = evaluate(model, n=args.eval_images, device=device)
+    ious, miou, pixacc = evaluate(model, n=args.eval_images, device=device, tree_scale=args.tree_scale)
     table = '\n'.join(f'  {k:10s} {v}' for k, v in ious.items())
     print(f'held-out IoU (world seed {EVAL_SEED}, {args.eval_images} renders):\n{table}\n'
           f'  mean IoU {miou:.4f}, pixel accuracy {pixacc:.4f}', flush=True)
@@ -180,11 +182,12 @@ def main(argv=None):
         what='SceneWorld segmenter: float16 state_dict of SceneSegmenter',
         command=command_line(), commands=commands + [command_line()],
         seed=args.seed, steps=step, batch_size=args.batch_size,
-        data=f'render(B, seed={2000 + args.seed}, start=step*B) + augment(), fresh every step',
+        data=f'render(B, seed={2000 + args.seed}, start=step*B, tree_scale={args.tree_scale}) + augment(), '
+             'fresh every step',
         wall_time_s=round(train_time, 1), device=str(device), machine=machine_info(),
         torch=torch.__version__, model=model.config(), parameters=nparams,
         optimizer=dict(lr=args.lr, schedule='cosine, 100 warm-up steps', loss='cross entropy'),
-        evaluation=dict(world_seed=EVAL_SEED, images=args.eval_images,
+        evaluation=dict(world_seed=EVAL_SEED, images=args.eval_images, tree_scale=args.tree_scale,
                         iou_definition='per class, sum of intersections / sum of unions',
                         per_class_iou=ious, mean_iou=round(miou, 4),
                         pixel_accuracy=round(pixacc, 4))))
