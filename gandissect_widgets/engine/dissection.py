@@ -40,8 +40,9 @@ from gandissect_widgets.engine.upsample import upsample_above_grouped, upsample_
 
 __all__ = ["dissect", "ENGINE_VERSION"]
 
-ENGINE_VERSION = 3  # 2: pilot window (0.01, 0.008) below/above the quantile; 3: evenly spaced edges,
-# window (0.005, 0.004), pilot of 512 samples x 64 pixels
+# 2: pilot window (0.01, 0.008) below/above the quantile; 3: evenly spaced edges, window
+# (0.005, 0.004), pilot of 512 samples x 64 pixels
+ENGINE_VERSION = 3
 _CHUNK_ELEMENTS = 1 << 25  # upsampled values (at most) held at once per layer
 _PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
 
@@ -149,6 +150,14 @@ def _unit_chunks(r, size):
     N, U = r.shape[:2]
     per = max(1, _CHUNK_ELEMENTS // max(1, N * size[0] * size[1]))
     return [(u0, min(u0 + per, U)) for u0 in range(0, U, per)]
+
+
+def _tail_maxima(n, c, m, v, shape):
+    """(N,C) maxima of the maps that reach the tail, from tail values ``v`` grouped by tile ``m``
+    of sample ``n`` and channel ``c`` (``upsample_above_grouped``); -inf for the others."""
+    tile = torch.full((n.numel(),), -math.inf, device=v.device).scatter_reduce_(0, m, v, "amax")
+    out = torch.full((shape[0] * shape[1],), -math.inf, device=v.device)
+    return out.scatter_reduce_(0, n * shape[1] + c, tile, "amax").view(shape)
 
 
 def _sample_maxima(r, size, topk, known):
@@ -346,11 +355,8 @@ class _Run:
             for u0, u1 in _unit_chunks(r, self.seg_grid):  # only the tail is ever interpolated
                 n, u, m, pix, v = upsample_above_grouped(r[:, u0:u1], self.seg_grid, low[u0:u1])
                 st.hist.add_tail(n, u + u0, pix, v, seg, m=m)
-                if moments:  # the maxima of the maps that reach the tail, read from the tail
-                    tile = torch.full((n.numel(),), -math.inf, device=r.device).scatter_reduce_(0, m, v, "amax")
-                    part = torch.full((r.shape[0] * (u1 - u0),), -math.inf, device=r.device)
-                    part.scatter_reduce_(0, n * (u1 - u0) + u, tile, "amax")
-                    maxima[:, u0:u1] = part.view(r.shape[0], u1 - u0)
+                if moments:
+                    maxima[:, u0:u1] = _tail_maxima(n, u, m, v, (r.shape[0], u1 - u0))
             if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
                 st.moments.add(r)
                 st.topk.add(_sample_maxima(r, self.seg_grid, st.topk, maxima), ids)
