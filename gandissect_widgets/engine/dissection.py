@@ -2,18 +2,25 @@
 
 How the passes go (n samples, batches of b, layers L1..Lm):
 1. Probe: one latent through the generator, to check shapes and find which requested layer runs last.
-2. Pilot: the first ``pilot_samples`` samples run through the generator and the segmenter; a random
-   subset of each unit's upsampled activations places that unit's histogram edges around the
-   target quantile.  Their segmentations are cached (on disk, ``uint8``/``int16``), never redone.
+2. Pilot: the first ``pilot_samples`` samples run through the generator and the segmenter; each
+   unit's upsampled activations on a jittered lattice of ``pilot_pixels`` pixels per sample place
+   that unit's histogram edges around the target quantile, in a window as wide as the pilot's own
+   error needs (``stats.pilot_window``: narrow when the pilot saw every sample).  Their
+   segmentations are cached (on disk, ``uint8``/``int16``), never redone; their activations are
+   kept (up to ``_PILOT_CACHE_BYTES``) for the main pass.
 3. Main pass: every sample once through the generator (cut short after the last requested layer
-   where its segmentation is already cached) and the segmenter; all layers accumulate moments,
-   top-k and a tail histogram joint with the labels (``engine.stats``).  A checkpoint is written
-   every ``checkpoint_every`` seconds and when an exception leaves the statistics whole.
+   where its segmentation is already cached) and the segmenter, or from the pilot's activations;
+   all layers accumulate moments, top-k and a tail histogram joint with the labels
+   (``engine.stats``), reading only the interpolation columns that can reach the histogram
+   (``upsample.upsample_columns``).  On a CPU the layers run side by side on its cores
+   (``engine.sidebyside``).  A checkpoint is written every ``checkpoint_every`` seconds and when
+   an exception leaves the statistics whole.
 4. Read-out: each unit's threshold is the histogram edge whose fraction of pixels above is nearest
    to ``1 - quantile``; its IoU with every concept is exact at that threshold.  Units whose edge
    misses the target rank by more than ``rank_tolerance`` (a pilot that was not representative)
    get new edges inside the bin that holds the target, and their layers are replayed from the
-   cached latents and segmentations (generator only) until they meet it.
+   kept activations, or from the cached latents and segmentations (generator only), until they
+   meet it.
 """
 from __future__ import annotations
 
@@ -34,15 +41,17 @@ from gandissect_widgets.engine.protocols import (ProtocolError, check_generator,
                                                  check_segmenter, fingerprint, model_device,
                                                  sample_latents, segment)
 from gandissect_widgets.engine.results import Dissection
+from gandissect_widgets.engine.sidebyside import SideBySide
 from gandissect_widgets.engine.stats import (MAX_BINS, RunningMoments, RunningTopK, TailHistogram,
-                                             dedupe_channels, pilot_edges)
-from gandissect_widgets.engine.upsample import upsample_above_grouped, upsample_max, upsample_pixels
+                                             dedupe_channels, grid_edges, label_keys, pilot_edges)
+from gandissect_widgets.engine.upsample import upsample_columns, upsample_lattice, upsample_max
 
 __all__ = ["dissect", "ENGINE_VERSION"]
 
 # 2: pilot window (0.01, 0.008) below/above the quantile; 3: evenly spaced edges, window
-# (0.005, 0.004), pilot of 512 samples x 64 pixels
-ENGINE_VERSION = 3
+# (0.005, 0.004), pilot of 512 samples x 64 pixels; 4: edges on a power-of-two grid, a window
+# sized per unit from the pilot's own error, pilot pixels on a jittered 8 x 8 lattice per sample
+ENGINE_VERSION = 4
 _CHUNK_ELEMENTS = 1 << 25  # upsampled values (at most) held at once per layer
 _PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
 
@@ -152,21 +161,20 @@ def _unit_chunks(r, size):
     return [(u0, min(u0 + per, U)) for u0 in range(0, U, per)]
 
 
-def _tail_maxima(n, c, m, v, shape):
-    """(N,C) maxima of the maps that reach the tail, from tail values ``v`` grouped by tile ``m``
-    of sample ``n`` and channel ``c`` (``upsample_above_grouped``); -inf for the others."""
-    tile = torch.full((n.numel(),), -math.inf, device=v.device).scatter_reduce_(0, m, v, "amax")
-    out = torch.full((shape[0] * shape[1],), -math.inf, device=v.device)
-    return out.scatter_reduce_(0, n * shape[1] + c, tile, "amax").view(shape)
+def _column_maxima(cols, low, shape):
+    """(N,C) maxima of the maps with values above ``low`` (C,), from ``upsample_columns``' columns
+    (every such value lies in one, so the largest one read is the map's: the same bits); -inf
+    for the other maps."""
+    out = torch.full((shape[0] * shape[1],), -math.inf, device=cols.values.device)
+    out = out.scatter_reduce_(0, cols.maps, cols.values.amax(0), "amax").view(shape)
+    return torch.where(out > low.to(out)[None], out, torch.full((), -math.inf, device=out.device))
 
 
-def _sample_maxima(r, size, topk, known):
+def _sample_maxima(r, size, topk, known, raw):
     """(N,U) per-sample maxima of the upsampled maps where they can enter ``topk``: ``known``
     holds those of the maps with values above the histogram floor (read from the tail, so the
-    same bits); the others are computed only if the raw maximum (a bound on the upsampled one,
-    up to rounding) reaches the k-th value kept so far; -inf where a map cannot enter."""
-    r = r.float()
-    raw = r.amax((2, 3))
+    same bits); the others are computed only if the raw maximum ``raw`` (a bound on the upsampled
+    one, up to rounding) reaches the k-th value kept so far; -inf where a map cannot enter."""
     n, u = torch.nonzero((known == -math.inf) & (raw + raw.abs() * 1e-6 >= topk.kth()[None]), as_tuple=True)
     per = max(1, _CHUNK_ELEMENTS // max(1, size[0] * size[1]))
     for i in range(0, n.numel(), per):
@@ -233,12 +241,15 @@ class _Run:
             seg = None
             if need_seg:
                 if cached:
-                    seg = torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
+                    seg = self.cached_seg(i0, i1)
                 else:
                     check_images(x, i1 - i0)
                     seg = segment(self.S, x)
                     self._store_seg(i0, i1, seg)
         return acts, seg
+
+    def cached_seg(self, i0, i1):
+        return torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
 
     def _store_seg(self, i0, i1, seg):
         if self.seg_cache is None:
@@ -289,77 +300,116 @@ class _Run:
         main = self.batches(0, self.n)
         bar = tqdm(total=len(pilot) + len(main), desc="dissect", disable=not self.progress,
                    initial=min(self.next_batch, len(main)) if resumed and self.edges is not None else 0)
-        try:
-            if pilot:
-                self.pilot_pass(pilot, bar)
-            self.main_pass(main, bar)
-        finally:
-            bar.close()
-        self.refine()
+        with SideBySide(self.device) as self.side:
+            try:
+                if pilot:
+                    self.pilot_pass(pilot, bar)
+                self.main_pass(main, bar)
+            finally:
+                bar.close()
+            self.refine()
+        self.cache = None
         return self.readout()
 
     def pilot_pass(self, batches, bar):
-        values = {name: [] for name in self.layers}
-        self.pilot_acts, held = {}, 0
+        values, self.cache, held = None, {}, 0
+        start = time.monotonic()
         for i0, i1 in batches:
             acts, seg = self.forward(i0, i1)
-            size = sum(a.numel() * a.element_size() for a in acts.values())
-            if held + size <= _PILOT_CACHE_BYTES and i1 - i0 == self.bs:  # main pass reuses them
-                self.pilot_acts[i0] = acts
-                held += size
             H, W = self.seg_grid
-            S = min(self.pilot_pixels, H * W)
+            R, S = (min(round(math.sqrt(self.pilot_pixels)), n) for n in (H, W))
+            if values is None:
+                values = {name: torch.empty(self.units[name], self.n_pilot, R * S, device=self.device) for name in self.layers}
+            size = sum(a.numel() * a.element_size() for a in acts.values())
+            if held + size <= _PILOT_CACHE_BYTES:  # the main pass reuses them
+                self.cache[i0] = acts
+                held += size
+            # a jittered R x S lattice of pixels in each sample: one row in each band of H/R rows
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
-            idx = torch.stack([torch.randperm(H * W, generator=g)[:S] for _ in range(i1 - i0)]).to(self.device)
+            rows, cols = (((torch.arange(k) + torch.rand(i1 - i0, k, generator=g)) * (n / k)).long().clamp(max=n - 1).to(self.device)
+                          for k, n in ((R, H), (S, W)))
             for name in self.layers:
-                v = torch.cat([upsample_pixels(acts[name][:, u0:u1], self.seg_grid, idx)
-                               for u0, u1 in _unit_chunks(acts[name], self.seg_grid)], 1)  # (N, U, S)
-                values[name].append(v.transpose(0, 1).reshape(v.shape[1], -1))
+                for u0, u1 in _unit_chunks(acts[name], self.seg_grid):
+                    lattice = upsample_lattice(acts[name][:, u0:u1], self.seg_grid, rows, cols)  # (N,U,R,S)
+                    values[name][u0:u1, i0:i1] = lattice.transpose(0, 1).reshape(u1 - u0, i1 - i0, R * S)
             bar.update(1)
-        self.edges = {name: pilot_edges(torch.cat(values[name], 1), self.q, self.bins) for name in self.layers}
+        self.edges = {}
+
+        def place(name):
+            self.edges[name] = pilot_edges(values[name], self.q, self.bins, population=self.n, pixels=H * W)
+
+        self.side.run(place, self.layers, [self.units[name] for name in self.layers])
         self.stats = {name: _LayerStats(self.units[name], self.k, self.device) for name in self.layers}
         for name in self.layers:
             self.stats[name].hist = TailHistogram(self.edges[name], self.C)
         self.next_batch = 0
-        self.save_checkpoint()
+        if time.monotonic() - start >= self.checkpoint_every:
+            self.save_checkpoint()
+
+    def cached(self, i0, i1, layers):
+        """Activations of samples [i0, i1) kept by the pilot, or None."""
+        acts = (getattr(self, "cache", None) or {}).get(i0)
+        if acts is None or i1 > self.segmented or acts[self.layers[0]].shape[0] != i1 - i0:
+            return None
+        return {name: acts[name] for name in layers}
 
     def main_pass(self, batches, bar):
         last = time.monotonic()
-        for b in range(self.next_batch, len(batches)):
-            i0, i1 = batches[b]
+        H, W = self.seg_grid
+        # batches the pilot kept are counted together, as many as one unit chunk holds
+        group = max(self.bs, _CHUNK_ELEMENTS // max(self.units[name] * H * W for name in self.layers))
+        b = self.next_batch
+        while b < len(batches):
+            i0, e = batches[b][0], b
             try:
-                cached = getattr(self, "pilot_acts", {}).pop(i0, None)
-                if cached is not None and i1 <= self.segmented:
-                    acts = cached
-                    seg = torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
+                kept = []
+                while e < len(batches) and batches[e][1] - i0 <= group:
+                    acts = self.cached(*batches[e], self.layers)
+                    if acts is None:
+                        break
+                    kept.append(acts)
+                    e += 1
+                if kept:
+                    i1 = batches[e - 1][1]
+                    acts = {name: torch.cat([a[name] for a in kept]) if len(kept) > 1 else kept[0][name] for name in self.layers}
+                    seg = self.cached_seg(i0, i1)
                 else:
+                    i1, e = batches[b][1], b + 1
                     acts, seg = self.forward(i0, i1)
             except BaseException:
-                self.save_checkpoint()  # statistics are whole: nothing of this batch was added
+                self.save_checkpoint()  # statistics are whole: nothing of these batches was added
                 raise
             self.accumulate(acts, seg, i0, i1, self.stats)
-            self.next_batch = b + 1
-            bar.update(1)
-            if time.monotonic() - last >= self.checkpoint_every and b + 1 < len(batches):
+            bar.update(e - b)
+            self.next_batch = b = e
+            if time.monotonic() - last >= self.checkpoint_every and b < len(batches):
                 self.save_checkpoint()
                 last = time.monotonic()
 
     def accumulate(self, acts, seg, i0, i1, stats, moments=True):
         seg = dedupe_channels(seg, self.C)
+        labels = label_keys(seg, self.bins, self.C)
+        concepts = torch.bincount(seg.reshape(-1), minlength=self.C + 1)
         ids = torch.arange(i0, i1, device=self.device)
-        for name, st in stats.items():
+
+        def layer(name):
+            st = stats[name]
             r = acts[name].float()
-            st.hist.count_pixels(seg)
+            N = r.shape[0]
+            raw, raw_min = r.amax((2, 3)), r.amin((2, 3))
+            st.hist.count_pixels(seg, concepts)
             low = st.hist.edges[:, 0]
-            maxima = torch.full(r.shape[:2], -math.inf, device=r.device)
+            maxima = torch.empty(r.shape[:2], device=r.device)
             for u0, u1 in _unit_chunks(r, self.seg_grid):  # only the tail is ever interpolated
-                n, u, m, pix, v = upsample_above_grouped(r[:, u0:u1], self.seg_grid, low[u0:u1])
-                st.hist.add_tail(n, u + u0, pix, v, seg, m=m)
+                cols = upsample_columns(r[:, u0:u1], self.seg_grid, low[u0:u1], raw[:, u0:u1], raw_min[:, u0:u1])
+                st.hist.add_columns(cols.values, cols.units + u0, cols.pixels, cols.stride, labels, cols.finite)
                 if moments:
-                    maxima[:, u0:u1] = _tail_maxima(n, u, m, v, (r.shape[0], u1 - u0))
+                    maxima[:, u0:u1] = _column_maxima(cols, low[u0:u1], (N, u1 - u0))
             if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
-                st.moments.add(r)
-                st.topk.add(_sample_maxima(r, self.seg_grid, st.topk, maxima), ids)
+                st.moments.add(r, (raw_min.amin(0), raw.amax(0)))
+                st.topk.add(_sample_maxima(r, self.seg_grid, st.topk, maxima, raw), ids)
+
+        self.side.run(layer, list(stats), [self.units[name] for name in stats])
 
     def refine(self, max_rounds: int = 4):
         target = 1 - self.q
@@ -378,11 +428,7 @@ class _Run:
                 if not bool(bad.any()):
                     continue
                 edges = st.hist.edges.clone()
-                B = edges.shape[1]
-                steps = torch.linspace(0, 1, B + 1, dtype=torch.float64, device=edges.device)[:-1]
-                new = (lo[:, None] + width[:, None] * steps[None]).float()
-                edges[bad] = new[bad]
-                edges = torch.sort(edges, dim=1).values
+                edges[bad] = grid_edges(lo[bad], hi[bad], edges.shape[1]).to(edges)
                 redo[name] = edges
             if not redo:
                 return
@@ -393,7 +439,8 @@ class _Run:
                 fresh[name] = s
             names = list(redo)
             for i0, i1 in self.batches(0, self.n):
-                acts, seg = self.forward(i0, i1, layers=names)
+                acts = self.cached(i0, i1, names)
+                acts, seg = (acts, self.cached_seg(i0, i1)) if acts is not None else self.forward(i0, i1, layers=names)
                 self.accumulate(acts, seg, i0, i1, fresh, moments=False)
             for name in names:
                 self.stats[name].hist = fresh[name].hist

@@ -15,14 +15,16 @@ and ``state_dict()`` / ``from_state_dict()`` for checkpoints.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["RunningMoments", "RunningTopK", "TailHistogram", "pilot_edges", "dedupe_channels"]
+__all__ = ["RunningMoments", "RunningTopK", "TailHistogram", "LabelKeys", "label_keys", "pilot_edges",
+           "grid_edges", "pilot_window", "dedupe_channels"]
 
 _EVEN_SLACK = 5e-4  # how far (in bins) float32 edges may stray from even spacing and still bin by arithmetic
-_NEAR_EDGE = 1e-3   # values closer than this (in bins) to an edge are binned by search
-MAX_BINS = 1024     # float32 rounding of the guess stays below 2e-4 of a bin up to 1024 bins
+_NEAR_EDGE = 1e-3   # values closer than this (in bins) to an edge of such units are binned by search
+MAX_BINS = 1024     # the rounding argument of the arithmetic binning holds up to here
 
 
 def _t(x):
@@ -41,20 +43,21 @@ class RunningMoments:
         self.min = torch.full((units,), math.inf, dtype=torch.float64, device=dev)
         self.max = torch.full((units,), -math.inf, dtype=torch.float64, device=dev)
 
-    def add(self, x: torch.Tensor):
-        """x: (N, U, ...) values; every entry but the unit axis (1) is one observation."""
+    def add(self, x: torch.Tensor, extremes=None):
+        """x: (N, U, ...) values; every entry but the unit axis (1) is one observation.
+        ``extremes``: their per-unit (min, max), if the caller has them."""
         if x.shape[1] != self.units:
             raise ValueError(f"expected {self.units} units on axis 1, got shape {tuple(x.shape)}")
-        dims = [d for d in range(x.dim()) if d != 1]
         n = x.numel() // self.units
         if n == 0:
             return
-        bmean = x.mean(dims, dtype=torch.float64) if x.dtype == torch.float64 else x.float().mean(dims)
-        shape = [1] * x.dim()
-        shape[1] = self.units
-        bm2 = ((x - bmean.to(x.dtype).view(shape)) ** 2).sum(dims)
-        self._combine(torch.tensor(float(n), dtype=torch.float64), bmean.double(), bm2.double(),
-                      x.amin(dims).double(), x.amax(dims).double())
+        x = x.reshape(x.shape[0], self.units, -1)
+        if x.dtype != torch.float64:
+            x = x.float()
+        bmean = x.mean((0, 2))
+        bm2 = (x - bmean[None, :, None]).square_().sum((0, 2))
+        mn, mx = extremes if extremes is not None else (x.amin((0, 2)), x.amax((0, 2)))
+        self._combine(torch.tensor(float(n), dtype=torch.float64), bmean.double(), bm2.double(), mn.double(), mx.double())
 
     def _combine(self, n, mean, m2, mn, mx):
         n = n.to(self.mean.device)
@@ -101,13 +104,21 @@ class RunningTopK:
 
     def add(self, values: torch.Tensor, sample_ids: torch.Tensor):
         """values: (N, U) per-sample scores; sample_ids: (N,) global sample indices."""
+        if self.values.shape[1] == self.k and not bool((values.detach() >= self.kth()[None].to(values)).any()):
+            return  # none can enter
         v = values.detach().t().to(self.values.device, self.values.dtype if self.values.numel() else values.dtype)
         ids = sample_ids.to(self.indices.device).long()[None].expand(self.units, -1)
-        self._keep(torch.cat([self.values.to(v.dtype), v], 1), torch.cat([self.indices, ids], 1))
+        # kept values are in order of value, then id: new samples after all kept ones, in order,
+        # need no sort by id
+        later = ids.shape[1] < 2 or bool((ids[0, 1:] > ids[0, :-1]).all())
+        later = later and (self.indices.numel() == 0 or bool(ids[0, 0] > self.indices.max()))
+        self._keep(torch.cat([self.values.to(v.dtype), v], 1), torch.cat([self.indices, ids], 1), by_id=later)
 
-    def _keep(self, v, ids):
-        order = torch.sort(ids, dim=1, stable=True).indices
-        v, ids = v.gather(1, order), ids.gather(1, order)
+    def _keep(self, v, ids, by_id=False):
+        """Keep the top k of each row; ``by_id``: equal values already stand in order of id."""
+        if not by_id:
+            order = torch.sort(ids, dim=1, stable=True).indices
+            v, ids = v.gather(1, order), ids.gather(1, order)
         order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :self.k]
         self.values, self.indices = v.gather(1, order), ids.gather(1, order)
 
@@ -150,28 +161,98 @@ def dedupe_channels(seg: torch.Tensor, void: int) -> torch.Tensor:
     return seg
 
 
-def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128,
-                window=(0.005, 0.004)) -> torch.Tensor:
-    """Per-unit bin edges, evenly spaced in value between the pilot's values at ranks
-    ``quantile - window[0]`` and ``quantile + window[1]``.
+class LabelKeys(NamedTuple):
+    """Deduped labels (N,K,H,W) as joint-histogram offsets ``label * (bins + 1)``, one channel
+    after the other, each of N*H*W pixels and one image of padding (so that slots past a short
+    column stay in range): pixel i of the (N,H,W) grid in channel k is ``keys[i + k * plane]``."""
+    keys: torch.Tensor
+    channels: int
+    plane: int
 
-    values: (U, M) pilot activations.  The window must hold the true quantile despite the
-    pilot's error (a pilot that misses is repaired by refinement); its lower end decides how
-    much of every map is binned.  On the SceneWorld GAN a pilot of 512 samples x 64 pixels
-    placed the 0.99 quantile within 0.0035 of its rank over 2048 samples (128 x 256: 0.009).
-    Even spacing lets ``TailHistogram`` bin by arithmetic.
+
+def label_keys(seg: torch.Tensor, bins: int, concepts: int) -> LabelKeys:
+    """``seg`` deduped with the void label ``concepts`` (``dedupe_channels``)."""
+    N, K, H, W = seg.shape
+    dtype = torch.int32 if (concepts + 1) * (bins + 1) < 2 ** 31 else torch.int64
+    keys = torch.zeros(K, N + 1, H * W, dtype=dtype, device=seg.device)
+    keys[:, :N] = seg.transpose(0, 1).reshape(K, N, H * W) * (bins + 1)
+    return LabelKeys(keys.view(-1), K, (N + 1) * H * W)
+
+
+def grid_edges(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per-unit edges (U, bins) float32 covering [lo, hi] (U,): ``(k + j + 1/2) * w`` for
+    j = 0..bins-1, with w a power of two (at least 2^-21 of the values' magnitude).
+
+    On such a grid a float32 value's bin is exact arithmetic (``TailHistogram``): in float64,
+    ``v - e0`` is exact or far from every edge, and scaling by 1/w is exact.  The bins are at
+    most twice as wide as ``(hi - lo) / (bins - 2)``.
+    """
+    if bins < 3:
+        raise ValueError(f"grid edges need at least 3 bins, got {bins}")
+    lo, hi = lo.double().nan_to_num(0.0, 3e38, -3e38), hi.double().nan_to_num(0.0, 3e38, -3e38)
+    hi = torch.maximum(lo, hi)
+    scale = torch.maximum(lo.abs(), hi.abs())
+    w = torch.maximum((hi - lo) / (bins - 2), torch.maximum(scale * 2.0 ** -21, torch.full_like(scale, 2.0 ** -100)))
+    w = torch.exp2(torch.log2(w).ceil())
+    e0 = (torch.floor(lo / w - 0.5) + 0.5) * w
+    steps = torch.arange(bins, dtype=torch.float64, device=lo.device)
+    return (e0[:, None] + w[:, None] * steps[None]).float().contiguous()
+
+
+def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128, window=(0.005, 0.004),
+                population: int | None = None, pixels: int | None = None) -> torch.Tensor:
+    """Per-unit bin edges on a grid (``grid_edges``) covering the pilot's values at ranks
+    ``quantile - below`` and ``quantile + above``.
+
+    values: (U, M) pilot activations, or (U, n, S): S random pixels (of ``pixels``) of each of the
+    first n of ``population`` samples, in which case the window is sized for each unit from the
+    pilot's own error (``pilot_window``) and ``window`` is ignored.  Otherwise window: (below,
+    above) rank widths, each a float or a (U,) tensor.  The window must hold the true quantile
+    despite the pilot's error (a pilot that misses is repaired by refinement); its lower end
+    decides how much of every map is binned.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    U, M = values.shape
-    lo = max(0.0, quantile - window[0])
-    hi = min(1.0, quantile + window[1])
-    pos_lo, pos_hi = round(lo * (M - 1)), round(hi * (M - 1))
+    U = values.shape[0]
+    flat = values.reshape(U, -1).float()
+    M = flat.shape[1]
+    pos = lambda rank: (torch.as_tensor(rank, dtype=torch.float64).clamp(0, 1) * (M - 1)).round().long().expand(U)  # noqa: E731
+    if values.dim() == 3:
+        below = above = torch.full((U,), _WINDOW_CAP, dtype=torch.float64)
+    else:
+        below, above = (torch.as_tensor(x, dtype=torch.float64).expand(U) for x in window)
     # only the upper tail is read: select it rather than sort everything
-    top = torch.topk(values.float(), M - pos_lo, dim=1, sorted=True).values.flip(1)
-    vlo, vhi = top[:, 0].double(), top[:, pos_hi - pos_lo].double()
-    steps = torch.linspace(0, 1, bins, dtype=torch.float64, device=top.device)
-    return (vlo[:, None] + (vhi - vlo)[:, None] * steps[None]).float().contiguous()
+    k = M - int(pos(quantile - below).min())
+    top = torch.topk(flat, k, dim=1, sorted=True).values                          # descending
+    at = lambda p: top.gather(1, (M - 1 - p).clamp(max=k - 1).to(top.device)[:, None])[:, 0]  # noqa: E731
+    if values.dim() == 3:
+        below = above = pilot_window(values, at(pos(quantile)), population or values.shape[1], pixels or 0).cpu()
+        below = above = below.double().clamp(max=_WINDOW_CAP)
+    return grid_edges(at(pos(quantile - below)), at(pos(quantile + above)), bins)
+
+
+_WINDOW_CAP = 0.015  # the widest a pilot's window may get: a pilot worse than this is repaired
+
+
+def pilot_window(values: torch.Tensor, q: torch.Tensor, population: int, pixels: int, z: float = 4.5,
+                 least: float = 5e-4) -> torch.Tensor:
+    """Per-unit half-width (U,) in rank of a window around the pilot's quantile values ``q``
+    (U,) that holds the quantile of the whole data set, from pilot values (U, n, S): S random
+    pixels (of ``pixels``) of each of the first n of ``population`` samples.
+
+    The pilot's rank error has two parts: which samples it saw (none, if it saw them all) and
+    which pixels of them.  Both are estimated from the fractions f_i of each sample's pilot
+    pixels above ``q``: var = s_f^2 (1/n - 1/population) + mean(f(1-f))/(S n), where s_f^2 is
+    the variance of the f_i less their pixel noise.  The window is ``z`` standard errors plus
+    ``least``.
+    """
+    U, n, S = values.shape
+    f = (values > q.to(values)[:, None, None]).float().mean(2).double()         # (U, n)
+    fpc = max(0.0, 1 - S / pixels) if pixels > 1 else 1.0
+    pixel_var = (f * (1 - f)).mean(1) * fpc / S
+    sample_var = ((f.var(1) if n > 1 else torch.zeros_like(pixel_var)) - pixel_var).clamp(min=0)
+    var = sample_var * max(0.0, 1 / n - 1 / population) + pixel_var / n
+    return (z * var.sqrt() + least).float()
 
 
 def _at_least_float32(x):
@@ -206,54 +287,85 @@ class TailHistogram:
     def _prepare(self):
         e = self.edges.double()
         B = self.bins
-        # evenly spaced edges (a dissection's) bin by arithmetic: j = ceil((v - e0) / width);
-        # a unit whose float32 edges stray from even spacing by more than _EVEN_SLACK of a bin
-        # gets inv = 0, so that every one of its values is searched for
+        # evenly spaced edges bin by arithmetic: j = ceil((v - e0) / width), computed in float64;
+        # exact for float32 values on a grid (``grid_edges``, a dissection's); for other evenly
+        # spaced units, values within _NEAR_EDGE of an edge are searched for; a unit whose float32
+        # edges stray from even spacing by more than _EVEN_SLACK of a bin gets inv = 0, so that
+        # every one of its values is searched for
         width = (e[:, -1] - e[:, 0]) / max(B - 1, 1)
         ok = torch.isfinite(width) & (width > 0) & (B > 1)
         width = torch.where(ok, width, torch.ones_like(width))
         even = e[:, :1] + width[:, None] * torch.arange(B, dtype=torch.float64, device=e.device)[None]
         stray = ((e - even).abs().amax(1) / width).nan_to_num(math.inf)
         ok &= stray < _EVEN_SLACK
-        self._e0 = self.edges[:, 0].clone()
-        self._inv = torch.where(ok, 1 / width, torch.zeros_like(width)).float()
+        k = e[:, 0] / width - 0.5
+        self._grid = ok & (torch.frexp(width).mantissa == 0.5) & (k == k.round()) & (k.abs() < 2 ** 22) & (e == even).all(1)
+        self._all_grid = bool(self._grid.all())
+        self._e0 = e[:, 0].clone()
+        self._inv = torch.where(ok, 1 / width, torch.zeros_like(width))
+        # a grid at least B+1 bins away from 0 bins exactly in float32 too: inside it v - e0 is
+        # exact (Sterbenz), outside it the guess is at or beyond an end anyway
+        away = (e[:, 0] >= (B + 1) * width) | (e[:, -1] <= -(B + 1) * width)
+        self._all_exact32 = self._all_grid and bool(away.all())
+        self._e0_32, self._inv_32 = self._e0.float(), self._inv.float()
+        C1 = self.concepts + 1
+        size = self.units * C1 * (B + 1)
+        self._key_dtype = torch.int32 if size < 2 ** 31 else torch.int64
+        self._key_offset = (torch.arange(self.units, device=e.device) * (C1 * (B + 1))).to(self._key_dtype)
 
     def bin_of(self, vals: torch.Tensor, u: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         """Bin 1..B of each value above its unit's lowest edge: j with e_{j-1} < v <= e_j
         (e_B = inf), exactly.  ``m``: value i belongs to unit ``u[m[i]]`` (values grouped, e.g.
         by interpolation tile)."""
-        e0, inv = self._e0.index_select(0, u), self._inv.index_select(0, u)
         if m is not None:
-            e0, inv = e0.index_select(0, m), inv.index_select(0, m)
-        return self._bins(vals, e0, inv, u if m is None else u.index_select(0, m))
+            u = u.index_select(0, m)
+        return self._bins(vals, u, None).clamp_(1, self.bins).long()
 
-    def _bins(self, vals, e0, inv, units):
-        """Bins of values with their units' lowest edges and inverse bin widths (see bin_of).
+    def _bins(self, vals, units, per_column):
+        """Bins as float64 ceil((v - e0) * inv), exact (see ``_prepare``), not yet clamped.
 
-        The guess ceil((v - e0) * inv) is off by float32 rounding (about 2e-7 t bins at position
-        t: < 2e-4 of a bin up to 1024 bins, and positions beyond B are clamped to B anyway) plus
-        the edges' stray from even spacing (< _EVEN_SLACK): a guess whose position lies farther
-        than _NEAR_EDGE from every edge is right; the others (and units with inv = 0, and NaN
-        positions from infinite values) are searched exactly."""
+        ``vals`` (V,) of ``units`` (V,); or, with ``per_column``, ``vals`` (P, Mc) whose column i
+        holds values of unit ``units[i]``.  Values far below the lowest edge are not searched
+        for (their bin is 0 or less); NaN must not be passed."""
         vals = _at_least_float32(vals)
-        t = (vals.float() - e0).mul_(inv)
+        if self._all_exact32 and vals.dtype == torch.float32:
+            e0, inv = self._e0_32.index_select(0, units), self._inv_32.index_select(0, units)
+            return (vals - e0).mul_(inv).ceil_()
+        e0, inv = self._e0.index_select(0, units), self._inv.index_select(0, units)
+        t = (vals.double() - e0).mul_(inv)
         guess = t.ceil()
-        near = ~((guess - t).sub_(0.5).abs_() <= 0.5 - _NEAR_EDGE)  # NaN (inf values): searched
-        guess = guess.clamp_(1, self.bins).long()
-        near = torch.nonzero(near).squeeze(1)
+        if self._all_grid and vals.dtype != torch.float64:
+            return guess
+        near = ~((guess - t).sub_(0.5).abs_() <= 0.5 - _NEAR_EDGE) & ~(t <= -1)  # NaN (inf - inf, inf * 0): searched
+        if vals.dtype != torch.float64:  # float64 values are not exact on the grid
+            near &= ~self._grid.index_select(0, units)
+        near = torch.nonzero(near.view(-1)).squeeze(1)
         step = 1 << 14
         for i in range(0, near.numel(), step):  # each against its own unit's edges
             at = near[i:i + step]
-            v = vals.index_select(0, at)
-            rows = self.edges.index_select(0, units.index_select(0, at)).to(v.dtype)
-            guess[at] = torch.searchsorted(rows, v[:, None])[:, 0]
+            v = vals.reshape(-1).index_select(0, at)
+            u = units.index_select(0, at % units.numel() if per_column else at)
+            rows = self.edges.index_select(0, u).to(v.dtype)
+            guess.view(-1)[at] = torch.searchsorted(rows, v[:, None])[:, 0].to(guess.dtype)
         return guess
 
-    def count_pixels(self, seg: torch.Tensor):
-        """Count the pixels and concept pixels of a batch of deduped labels (N,K,H,W), once a batch."""
+    def count_pixels(self, seg: torch.Tensor, concept_counts: torch.Tensor | None = None):
+        """Count the pixels and concept pixels of a batch of deduped labels (N,K,H,W), once a batch
+        (``concept_counts``: their ``bincount`` if the caller has it)."""
         C1 = self.concepts + 1
         self.n_pixels += seg.shape[0] * seg.shape[-2] * seg.shape[-1]
-        self.concept_pixels += torch.bincount(seg.reshape(-1), minlength=C1)[:C1]
+        if concept_counts is None:
+            concept_counts = torch.bincount(seg.reshape(-1), minlength=C1)
+        self.concept_pixels += concept_counts[:C1]
+
+    def _count(self, key, channel):
+        """Add bincounts of joint-cell keys (bin 0 is a dump: not counted)."""
+        B, C1 = self.bins, self.concepts + 1
+        counts = torch.bincount(key.reshape(-1), minlength=self.units * C1 * (B + 1))
+        counts = counts[:self.units * C1 * (B + 1)].view(self.units, C1, B + 1)[:, :, 1:]
+        self.joint[:, :, 1:] += counts
+        if channel == 0:  # channel 0 labels every pixel (0 -> void): its counts summed over labels are the histogram
+            self.hist[:, 1:] += counts.sum(1)
 
     def add_tail(self, n_i, u, pix, vals, seg: torch.Tensor, m: torch.Tensor | None = None):
         """Add the tail values ``vals`` (each above its unit's lowest edge) of units ``u`` at
@@ -262,24 +374,31 @@ class TailHistogram:
         ``m``: values are grouped: value i is of sample ``n_i[m[i]]`` and unit ``u[m[i]]``."""
         if vals.numel() == 0:
             return
-        B, C1 = self.bins, self.concepts + 1
-        K = seg.shape[1]
-        HW = seg.shape[-2] * seg.shape[-1]
-        # per group: where its labels start, its unit's first joint cell, its unit's binning
-        ints = torch.stack([n_i * (K * HW), u * (C1 * (B + 1)), u], 1)
-        floats = torch.stack([self._e0.index_select(0, u), self._inv.index_select(0, u)], 1)
-        if m is not None:  # one gather of rows per kind, for all values
-            ints, floats = ints.index_select(0, m), floats.index_select(0, m)
-        key = self._bins(vals, floats[:, 0], floats[:, 1], ints[:, 2]).add_(ints[:, 1])
-        where = ints[:, 0] + pix
-        seg_flat = seg.reshape(-1)
-        size = self.units * C1 * (B + 1)
-        for k in range(K):
-            lab = seg_flat.index_select(0, where + k * HW if k else where)
-            counts = torch.bincount(lab.mul_(B + 1).add_(key), minlength=size).view(self.units, C1, B + 1)
-            self.joint += counts
-            if k == 0:  # channel 0 labels every pixel (0 -> void): its counts summed over labels are the histogram
-                self.hist += counts.sum(1)
+        if m is not None:
+            n_i, u = n_i.index_select(0, m), u.index_select(0, m)
+        labels = label_keys(seg, self.bins, self.concepts)
+        bins = self._bins(vals, u, None).clamp_(1, self.bins).to(self._key_dtype)
+        key = bins.add_(self._key_offset.index_select(0, u))
+        where = n_i * (seg.shape[-2] * seg.shape[-1]) + pix
+        for k in range(labels.channels):
+            self._count(key + labels.keys.index_select(0, where + k * labels.plane), k)
+
+    def add_columns(self, values: torch.Tensor, units: torch.Tensor, pixels: torch.Tensor, stride: int,
+                    labels: "LabelKeys", finite: bool = True):
+        """Add every value of ``upsample_columns``' columns (those at or below the lowest edge
+        fall in the uncounted bin 0): ``values`` (P, Mc), column i of unit ``units[i]``, its
+        slot p at pixel ``pixels[i] + p * stride`` of the labels' (N,H,W) grid.
+        ``finite``: whether ``values`` are free of NaN (-inf and inf are fine)."""
+        if values.numel() == 0:
+            return
+        if not finite:
+            values = values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        bins = self._bins(values, units, True).clamp_(0, self.bins).to(self._key_dtype)
+        key = bins.add_(self._key_offset.index_select(0, units))
+        index = torch.int32 if labels.keys.numel() < 2 ** 31 else torch.int64
+        slots = pixels.to(index)[None] + torch.arange(values.shape[0], device=pixels.device, dtype=index)[:, None] * stride
+        for k in range(labels.channels):
+            self._count(key + labels.keys.index_select(0, (slots + k * labels.plane).view(-1)).view_as(key), k)
 
     def add(self, acts: torch.Tensor, seg: torch.Tensor, unit_offset: int = 0, count_concepts: bool = True):
         """acts: (N,Uc,H,W) upsampled activations of units [unit_offset, unit_offset+Uc);

@@ -19,11 +19,14 @@ function computes it, so the sparse readers below agree with ``upsample`` bit fo
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample", "upsample_above", "upsample_above_grouped", "upsample_max", "upsample_at", "upsample_pixels", "pool_mask"]
+__all__ = ["upsample", "upsample_above", "upsample_columns", "Columns", "upsample_max", "upsample_at",
+           "upsample_pixels", "upsample_lattice", "pool_mask"]
 
 
 @functools.lru_cache(maxsize=128)
@@ -139,6 +142,26 @@ def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor) -> torch.Tensor
     return top * w0[:, None] + bottom * w1[:, None]
 
 
+def upsample_lattice(r: torch.Tensor, size, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(N,C,h,w), output rows (N,R) and columns (N,S) of each sample -> (N,C,R,S): the upsampled
+    values on each sample's own lattice, as two batched products with interpolation matrices.
+    Equal to ``upsample`` up to rounding only (a product sums in its own order): for estimates
+    such as the dissection's pilot, never for counting."""
+    H, W = _size(size)
+    r = _float(r)
+    N, C, h, w = r.shape
+
+    def interpolation(n_in, n_out, idx):
+        i0, i1, w0, w1 = _taps(n_in, n_out, str(r.device), r.dtype)
+        m = torch.zeros(idx.shape + (n_in,), dtype=r.dtype, device=r.device)
+        m.scatter_add_(-1, i0[idx][..., None], w0[idx][..., None])
+        return m.scatter_add_(-1, i1[idx][..., None], w1[idx][..., None])
+
+    x = torch.bmm(interpolation(h, H, rows), r.permute(0, 2, 1, 3).reshape(N, h, C * w))   # (N,R,C*w)
+    x = torch.bmm(x.view(N, -1, w), interpolation(w, W, cols).transpose(1, 2))              # (N,R*C,S)
+    return x.view(N, rows.shape[1], C, cols.shape[1]).transpose(1, 2)
+
+
 def upsample_max(r: torch.Tensor, size) -> torch.Tensor:
     """(N,C,h,w) -> (N,C): the maximum of each upsampled map, from the corner pixels of the
     interpolation tiles only (equal to ``upsample(r, size).amax((2, 3))`` up to rounding)."""
@@ -151,14 +174,15 @@ def upsample_max(r: torch.Tensor, size) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=128)
 def _tiles(n_in: int, n_out: int):
-    """Output indices cut into tiles that blend the same two sources and hold at most
-    ceil(n_out / n_in) indices (a cell longer than that, at a clamped edge, is cut in two):
-    the tiles' sources (G,), (G,) and their indices padded with -1 to a rectangle (G, P)."""
-    i0, i1, _, _ = _taps(n_in, n_out, "cpu", torch.float64)
+    """Output indices cut into runs that blend the same two sources with weights of one kind
+    (the copies of a clamped edge, whose second weight is 0, apart from the blends), each of at
+    most ceil(n_out / n_in) indices: the runs' sources (G,), (G,) and their indices padded with
+    -1 to a rectangle (G, P).  For an integer scale every inner run has the same weights."""
+    i0, i1, _, w1 = _taps(n_in, n_out, "cpu", torch.float64)
     most = max(1, -(-n_out // n_in))
     tiles, run = [], [0]
     for o in range(1, n_out):
-        if i0[o] == i0[o - 1] and i1[o] == i1[o - 1] and len(run) < most:
+        if i0[o] == i0[o - 1] and i1[o] == i1[o - 1] and (w1[o] == 0) == (w1[o - 1] == 0) and len(run) < most:
             run.append(o)
         else:
             tiles.append(run)
@@ -177,26 +201,155 @@ def _corners(n_in: int, n_out: int) -> list:
     return sorted(set(members[:, 0].tolist()) | set(last.tolist()))
 
 
+_MAX_RUNS = 8  # row-tile patterns broadcast one run at a time; more than this are gathered
+
+
 @functools.lru_cache(maxsize=128)
-def _tile_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dtype):
-    """For the tiles of the (H,W) grid (row tile g x column tile k): their source rows and
-    columns, the weights of their rows (G,P) and columns (K,Q), NaN where a tile is padded (so
-    padding never passes a comparison), and the flat pixel of each tile's slot (G*K, P*Q)."""
+def _column_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dtype) -> dict:
+    """Everything ``upsample_columns`` looks up, for the tiles of the (H,W) grid (row tile g x
+    column tile k, G x K of them, P x Q pixels at most)."""
     ra0, ra1, rmem = _tiles(h, H)
     ca0, ca1, cmem = _tiles(w, W)
     _, _, rw0, rw1 = _taps(h, H, "cpu", dtype)
     _, _, cw0, cw1 = _taps(w, W, "cpu", dtype)
-    nan = torch.tensor(float("nan"), dtype=dtype)
-
-    def weights(mem, wt):
-        return torch.where(mem >= 0, wt[mem.clamp(min=0)], nan)
-
-    pix = rmem.clamp(min=0)[:, None, :, None] * W + cmem.clamp(min=0)[None, :, None, :]
-    G, P, K, Q = rmem.shape + cmem.shape
+    G, P = rmem.shape
+    K, Q = cmem.shape
+    inside = rmem >= 0
+    RW0 = torch.where(inside, rw0[rmem.clamp(min=0)], torch.zeros((), dtype=dtype))  # (G,P)
+    RW1 = torch.where(inside, rw1[rmem.clamp(min=0)], torch.zeros((), dtype=dtype))
+    nan = torch.tensor(float("nan"), dtype=dtype)  # padded columns never pass a comparison
+    src = (ra0[:, None] * w + ca0[None, :]).reshape(-1)                        # top-left source of tile g*K+k
+    right = (ca1 - ca0)[None, :].expand(G, K).reshape(-1)
+    down = ((ra1 - ra0) * w)[:, None].expand(G, K).reshape(-1)
+    t = dict(G=G, K=K, P=P, Q=Q, shift_q=(Q.bit_length() - 1) if Q & (Q - 1) == 0 else None, tile_src=src,
+             # per tile: its four sources; its row tile, first pixel and column tile
+             tile_corners=torch.stack([src, src + right, src + down, src + down + right], 1),
+             tile_rows=torch.stack([torch.arange(G).repeat_interleave(K),
+                                    (rmem[:, 0, None] * W + cmem[None, :, 0]).reshape(-1),
+                                    torch.arange(K).repeat(G)], 1),
+             col_weights=torch.where((cmem >= 0).repeat(1, 2), torch.cat([cw0[cmem.clamp(min=0)], cw1[cmem.clamp(min=0)]], 1),
+                                     torch.tensor(float("nan"), dtype=dtype)))  # (K, 2Q); padding never passes
+    # consecutive row tiles with the same weights form a run, interpolated by broadcasting
+    runs, g0 = [], 0
+    for g in range(1, G + 1):
+        if g == G or not (torch.equal(RW0[g], RW0[g0]) and torch.equal(RW1[g], RW1[g0]) and torch.equal(inside[g], inside[g0])):
+            n = int(inside[g0].sum())
+            runs.append((g0, n, RW0[g0, :n, None].clone(), RW1[g0, :n, None].clone()))
+            g0 = g
+    if len(runs) <= _MAX_RUNS:
+        t["runs"] = runs
+    else:  # per column weights, and -inf added to padded slots
+        t["runs"] = None
+        t["rw0"], t["rw1"] = RW0.t().contiguous(), RW1.t().contiguous()
+        t["pad"] = torch.where(inside, 0.0, -math.inf).to(dtype).t().contiguous()
     dev = torch.device(device)
-    out = (ra0, ra1, ca0, ca1, weights(rmem, rw0), weights(rmem, rw1), weights(cmem, cw0),
-           weights(cmem, cw1), pix.reshape(G * K, P * Q))
-    return tuple(t.to(dev) for t in out)
+
+    def move(x):
+        if torch.is_tensor(x):
+            return x.to(dev)
+        if isinstance(x, list):
+            return [tuple(move(y) for y in item) for item in x]
+        return x
+
+    return {k: move(v) for k, v in t.items()}
+
+
+class Columns(NamedTuple):
+    """Vertical runs of upsampled pixels, one per column of an interpolation tile, that hold
+    every pixel above a floor (``upsample_columns``).  Mc columns of at most P pixels:
+
+    values (P, Mc): slot p of column i is pixel ``pixels[i] + p * stride`` of the (N, H, W) grid,
+        equal bit for bit to ``upsample``; -inf in slots past a short column.
+    maps, units (Mc,): the map ``n * C + c`` and the channel c of each column.
+    finite: whether the maps were free of inf and NaN (values then are too, but for -inf slots).
+    """
+    values: torch.Tensor
+    maps: torch.Tensor
+    units: torch.Tensor
+    pixels: torch.Tensor
+    stride: int
+    finite: bool
+
+
+def _margin(r, raw, raw_min):
+    """A blend may round above its largest source by a few units in the last place of the
+    sources: per channel, a margin that covers it; and whether ``r`` is all finite."""
+    finite = bool(torch.isfinite(raw).all()) and bool(torch.isfinite(raw_min).all())
+    if finite:
+        mag = torch.maximum(raw.amax(0), raw_min.amin(0).neg())
+    else:
+        mag = r.nan_to_num(0.0, 0.0, 0.0).abs().amax((0, 2, 3))
+    return mag * 1e-6, finite
+
+
+def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor | None = None,
+                     raw_min: torch.Tensor | None = None) -> Columns:
+    """The columns of interpolation tiles of ``upsample(r, size)`` that may hold values above
+    ``low[c]`` (C,), with every value in them (see ``Columns``); every pixel above the floor
+    lies in exactly one column.  ``raw``, ``raw_min``: ``r.amax((2, 3))``, ``r.amin((2, 3))``
+    if the caller has them.
+
+    Found without interpolating the rest: a bilinear value never exceeds the largest of the
+    sources it blends (up to rounding, covered by a margin), so maps, then tiles, then columns
+    whose sources stay below the floor are skipped; on a top-1% floor a small fraction remains.
+    """
+    H, W = _size(size)
+    r = _float(r)
+    N, C, h, w = r.shape
+    dev = r.device
+    T = _column_tables(h, w, H, W, str(dev), r.dtype)
+    G, K, P, Q = T["G"], T["K"], T["P"], T["Q"]
+    if r.numel() == 0:
+        none = torch.zeros(0, dtype=torch.long, device=dev)
+        return Columns(torch.zeros(P, 0, dtype=r.dtype, device=dev), none, none, none, W, True)
+    raw = r.amax((2, 3)) if raw is None else raw
+    margin, finite = _margin(r, raw, r.amin((2, 3)) if raw_min is None else raw_min)
+    floor = low.to(dev, r.dtype) - margin
+    maps = torch.nonzero((raw > floor).view(-1)).squeeze(1)                   # n * C + c
+    Km = maps.numel()
+    map_unit, map_pixel = maps % C, maps // C * (H * W)                      # its channel, its first pixel
+    floor_m = floor.index_select(0, map_unit)
+    # maps last, so that every gather below moves whole rows
+    rm = r.reshape(N * C, h * w).index_select(0, maps).t().contiguous().view(h, w, Km)
+    # the largest source of every cell (pair of rows x pair of columns), then of every tile
+    rows = torch.cat([torch.maximum(rm[:-1], rm[1:]), rm[-1:]], 0) if h > 1 else rm
+    cells = torch.cat([torch.maximum(rows[:, :-1], rows[:, 1:]), rows[:, -1:]], 1) if w > 1 else rows
+    bound = cells.view(h * w, Km).index_select(0, T["tile_src"])            # (G*K, Km), g-major
+    tile = torch.nonzero((bound > floor_m[None]).view(-1)).squeeze(1)
+    gk = tile // Km
+    km = tile - gk * Km
+    M = tile.numel()
+    corners = (T["tile_corners"].index_select(0, gk) * Km).add_(km[:, None])
+    c = rm.view(-1).index_select(0, corners.view(-1)).view(M, 4, 1)
+    info = T["tile_rows"].index_select(0, gk)                                   # row tile, first pixel, column tile
+    wx = T["col_weights"].index_select(0, info[:, 2])
+    wx0, wx1 = wx[:, :Q], wx[:, Q:]
+    # as in _along_width, then _along_height: the same products and sums, so the same bits
+    hh = torch.empty(2, M, Q, dtype=r.dtype, device=dev)
+    torch.add(c[:, 0] * wx0, c[:, 1] * wx1, out=hh[0])
+    torch.add(c[:, 2] * wx0, c[:, 3] * wx1, out=hh[1])
+    col = torch.nonzero((torch.maximum(hh[0], hh[1]) > floor_m.index_select(0, km)[:, None]).view(-1)).squeeze(1)
+    m = col >> T["shift_q"] if T["shift_q"] is not None else col // Q
+    q = col - m * Q
+    a, b = hh[0].view(-1).index_select(0, col), hh[1].view(-1).index_select(0, col)
+    tile_map = km.index_select(0, m)                                             # per column, its map's row
+    pixels = (info[:, 1] + map_pixel.index_select(0, km)).index_select(0, m).add_(q)
+    Mc = col.numel()
+    if T["runs"] is not None:
+        values = torch.empty(P, Mc, dtype=r.dtype, device=dev)
+        # tiles, hence columns, come by row tile: each run of row tiles is a range of columns
+        firsts = torch.tensor([run[0] for run in T["runs"]] + [G], device=dev)
+        starts = torch.searchsorted(m, torch.searchsorted(info[:, 0].contiguous(), firsts)).tolist()
+        for (_, n, w0, w1), s, e in zip(T["runs"], starts, starts[1:]):
+            if e > s:
+                torch.add(a[s:e] * w0, b[s:e] * w1, out=values[:n, s:e])
+                values[n:, s:e] = -math.inf
+    else:
+        gm = info[:, 0].index_select(0, m)
+        values = a * T["rw0"].index_select(1, gm)
+        values += b * T["rw1"].index_select(1, gm)
+        values += T["pad"].index_select(1, gm)
+    return Columns(values, maps.index_select(0, tile_map), map_unit.index_select(0, tile_map), pixels, W, finite)
 
 
 def upsample_above(r: torch.Tensor, size, low: torch.Tensor):
@@ -204,65 +357,15 @@ def upsample_above(r: torch.Tensor, size, low: torch.Tensor):
 
     Returns ``(n, c, pixel, value)``: sample, channel, flat pixel index ``y * W + x`` and the
     value, equal bit for bit to ``upsample(r, size)[n, c].flatten()[pixel]``; in no particular
-    order.  The output grid is cut into tiles that blend the same four sources; a tile is
-    interpolated only if the largest of its four sources exceeds the floor (a bilinear value is
-    a convex combination of them), which for a top-1% floor is a small fraction of the tiles.
+    order (``upsample_columns`` without the pixels at or below the floor).
     """
-    n, c, m, pix, v = upsample_above_grouped(r, size, low)
-    return n[m], c[m], pix, v
-
-
-def upsample_above_grouped(r: torch.Tensor, size, low: torch.Tensor):
-    """``upsample_above`` grouped by tile, for callers that work per tile: ``(n, c, m, pixel,
-    value)`` where pixel i lies in tile ``m[i]``, of sample ``n[m[i]]`` and channel ``c[m[i]]``."""
     H, W = _size(size)
-    r = _float(r)
-    N, C, h, w = r.shape
-    if r.numel() == 0:
-        none = torch.zeros(0, dtype=torch.long, device=r.device)
-        return none, none, none, none, torch.zeros(0, dtype=r.dtype, device=r.device)
-    a0, a1, b0, b1, rw0, rw1, cw0, cw1, pix = _tile_tables(h, w, H, W, str(r.device), r.dtype)
-    G, P = rw0.shape
-    K, Q = cw0.shape
-    low = low.to(r.device, r.dtype)
-    select = _selects(r)
-    rows = torch.maximum(_pick(r, a0, -2, select), _pick(r, a1, -2, select))        # (N,C,G,w)
-    bound = torch.maximum(_pick(rows, b0, -1, select), _pick(rows, b1, -1, select))  # (N,C,G,K)
-    # a blend may round above its largest source by a few units in the last place of the
-    # sources: lower the floor by a margin that covers it
-    if select:
-        mag = r.abs()
-        mag = torch.where(torch.isfinite(mag), mag, torch.zeros((), dtype=mag.dtype, device=mag.device)).amax((0, 2, 3))
-    else:
-        mag = torch.maximum(r.amax((0, 2, 3)), r.amin((0, 2, 3)).neg_())
-    floor = low - mag * 1e-6
-    tile = torch.nonzero((bound > floor.view(1, C, 1, 1)).view(-1)).squeeze(1)
-    nc = tile // (G * K)
-    gk = tile - nc * (G * K)
-    c = nc % C
-    g = gk // K
-    k = gk - g * K
-    flat = r.reshape(-1)
-
-    def pick(table, i):
-        return table.index_select(0, i)
-
-    top, bottom = nc * (h * w) + pick(a0, g) * w, nc * (h * w) + pick(a1, g) * w
-    left, right = pick(b0, k), pick(b1, k)
-    c00, c01 = pick(flat, top + left)[:, None], pick(flat, top + right)[:, None]
-    c10, c11 = pick(flat, bottom + left)[:, None], pick(flat, bottom + right)[:, None]
-    wx0, wx1 = pick(cw0, k), pick(cw1, k)                                     # (M,Q)
-    # as in _along_width, then _along_height: the same products and sums, so the same bits
-    h0 = c00 * wx0 + c01 * wx1
-    h1 = c10 * wx0 + c11 * wx1
-    v = h0[:, None, :] * pick(rw0, g)[:, :, None]
-    v += h1[:, None, :] * pick(rw1, g)[:, :, None]                          # (M,P,Q)
-    j = torch.nonzero((v > pick(low, c).view(-1, 1, 1)).view(-1)).squeeze(1)
-    PQ = P * Q
-    m = j >> (PQ.bit_length() - 1) if PQ & (PQ - 1) == 0 else j // PQ
-    # slot j of tile m is slot j - m*P*Q of its tile pattern gk[m]
-    shift = (gk - torch.arange(gk.numel(), device=gk.device)) * PQ
-    return nc // C, c, m, pix.view(-1).index_select(0, pick(shift, m).add_(j)), v.view(-1).index_select(0, j)
+    cols = upsample_columns(r, size, low)
+    j = torch.nonzero((cols.values > low.to(cols.values)[cols.units][None]).view(-1)).squeeze(1)
+    Mc = cols.maps.numel()
+    p, i = j // Mc, j % Mc
+    pixel = cols.pixels.index_select(0, i) + p * cols.stride
+    return pixel // (H * W), cols.units.index_select(0, i), pixel % (H * W), cols.values.view(-1).index_select(0, j)
 
 
 def pool_mask(mask: torch.Tensor, size, mode: str = "max") -> torch.Tensor:
