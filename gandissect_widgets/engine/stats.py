@@ -244,7 +244,8 @@ def pilot_window(values: torch.Tensor, q: torch.Tensor, population: int, pixels:
     which pixels of them.  Both are estimated from the fractions f_i of each sample's pilot
     pixels above ``q``: var = s_f^2 (1/n - 1/population) + mean(f(1-f))/(S n), where s_f^2 is
     the variance of the f_i less their pixel noise.  The window is ``z`` standard errors plus
-    ``least``.
+    ``least``.  It assumes the pilot's samples represent the rest: a unit that fires on a few
+    samples the pilot hardly saw can miss its window (the dissection then refines it).
     """
     U, n, S = values.shape
     f = (values > q.to(values)[:, None, None]).float().mean(2).double()         # (U, n)

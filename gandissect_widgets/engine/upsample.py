@@ -238,10 +238,9 @@ def _column_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dty
             g0 = g
     if len(runs) <= _MAX_RUNS:
         t["runs"] = runs
-    else:  # per column weights, and -inf added to padded slots
+    else:  # per column weights, and where a column is shorter than P
         t["runs"] = None
-        t["rw0"], t["rw1"] = RW0.t().contiguous(), RW1.t().contiguous()
-        t["pad"] = torch.where(inside, 0.0, -math.inf).to(dtype).t().contiguous()
+        t["rw0"], t["rw1"], t["padded"] = RW0.t().contiguous(), RW1.t().contiguous(), (~inside).t().contiguous()
     dev = torch.device(device)
 
     def move(x):
@@ -304,6 +303,12 @@ def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor
         return Columns(torch.zeros(P, 0, dtype=r.dtype, device=dev), none, none, none, W, True)
     raw = r.amax((2, 3)) if raw is None else raw
     margin, finite = _margin(r, raw, r.amin((2, 3)) if raw_min is None else raw_min)
+    if not finite:  # a NaN spoils only the pixels that blend it, not its whole map
+        raw = r.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).amax((2, 3))
+    if (h, w) == (H, W):  # upsample leaves the map as it is: every pixel is a column of one
+        pix = torch.nonzero((r.reshape(N, C, h * w) > low.to(dev, r.dtype)[None, :, None]).view(-1)).squeeze(1)
+        maps = pix // (h * w)
+        return Columns(r.reshape(1, -1).index_select(1, pix), maps, maps % C, maps // C * (h * w) + pix % (h * w), W, finite)
     floor = low.to(dev, r.dtype) - margin
     maps = torch.nonzero((raw > floor).view(-1)).squeeze(1)                   # n * C + c
     Km = maps.numel()
@@ -348,7 +353,7 @@ def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor
         gm = info[:, 0].index_select(0, m)
         values = a * T["rw0"].index_select(1, gm)
         values += b * T["rw1"].index_select(1, gm)
-        values += T["pad"].index_select(1, gm)
+        values.masked_fill_(T["padded"].index_select(1, gm), -math.inf)
     return Columns(values, maps.index_select(0, tile_map), map_unit.index_select(0, tile_map), pixels, W, finite)
 
 
