@@ -2,13 +2,19 @@
 
     python benchmarks/dissect_speed.py [--generator sceneworld] [--segmenter sceneworld]
                                        [--layers layer3 layer4 layer5 layer6] [--samples 512] [--device cpu]
-                                       [--threads T] [--rounds 5]
+                                       [--threads T] [--rounds 7] [--tuned-malloc]
 
 Prints the device, (a) and (b) in seconds over the same N samples, the ratio (b)/(a) (target
 <= 1.3), and the peak memory of dissect() at N and 4N samples, each measured in a fresh
 subprocess (it should not grow with N).  The timings alternate (a) and (b) for ``--rounds``
-rounds in one process and report medians, with the spread of the per-round ratios: a shared
-machine's speed drifts by tens of percent between minutes.
+rounds in one process and report medians, with the median and spread of the per-round ratios:
+a shared machine's speed drifts by tens of percent between seconds.
+
+``--tuned-malloc`` runs the measurements with glibc's heap thresholds fixed
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so that freed memory is kept for reuse: with
+the default, dynamic thresholds, a CPU forward pass can spend a tenth of its time in page faults
+on memory the heap gave back, by amounts that depend on what the process did before (for (a)
+and (b) alike).
 """
 import argparse
 import json
@@ -79,12 +85,16 @@ def child(a):
     print(json.dumps(out))
 
 
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 25), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}  # 32 MB is the most glibc takes
+
+
 def spawn(a, what, n):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--samples", str(n),
            "--generator", a.generator, "--segmenter", a.segmenter, "--device", a.device,
            "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--rounds", str(a.rounds),
            "--layers", *a.layers]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = dict(os.environ, **TUNED_MALLOC) if a.tuned_malloc else None
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -97,7 +107,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds of (a) then (b)")
+    p.add_argument("--rounds", type=int, default=7, help="timing rounds of (a) then (b)")
+    p.add_argument("--tuned-malloc", action="store_true", help="glibc heap thresholds fixed (see the docstring)")
     p.add_argument("--child", default=None)
     a = p.parse_args()
     if a.child:
@@ -105,13 +116,14 @@ def main():
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"device: {a.device} ({dev}); torch {torch.__version__}; threads {a.threads or torch.get_num_threads()}")
     print(f"generator {a.generator}, segmenter {a.segmenter}, layers {' '.join(a.layers)}, "
-          f"N={a.samples}, batch {a.batch_size}")
+          f"N={a.samples}, batch {a.batch_size}, malloc {'tuned' if a.tuned_malloc else 'default'}")
     t = spawn(a, "timing", a.samples)
     ta, tb = statistics.median(t["forward"]), statistics.median(t["dissect"])
     ratios = sorted(b / f for f, b in zip(t["forward"], t["dissect"]))
     print(f"(a) generator + segmenter forward: {ta:.2f} s  ({a.samples / ta:.0f} samples/s; median of {a.rounds})")
     print(f"(b) dissect() of {len(a.layers)} layers:       {tb:.2f} s  ({a.samples / tb:.0f} samples/s)")
-    print(f"ratio (b)/(a): {tb / ta:.2f}  (target <= 1.3; per round {ratios[0]:.2f} to {ratios[-1]:.2f})")
+    print(f"ratio (b)/(a): {tb / ta:.2f}  (target <= 1.3; per round: median {statistics.median(ratios):.2f}, "
+          f"{ratios[0]:.2f} to {ratios[-1]:.2f})")
     fa = spawn(a, "forward", a.samples)
     fb = spawn(a, "dissect", a.samples)
     f4 = spawn(a, "dissect", 4 * a.samples)

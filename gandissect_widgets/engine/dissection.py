@@ -174,8 +174,13 @@ def _sample_maxima(r, size, topk, known, raw):
     """(N,U) per-sample maxima of the upsampled maps where they can enter ``topk``: ``known``
     holds those of the maps with values above the histogram floor (read from the tail, so the
     same bits); the others are computed only if the raw maximum ``raw`` (a bound on the upsampled
-    one, up to rounding) reaches the k-th value kept so far; -inf where a map cannot enter."""
-    n, u = torch.nonzero((known == -math.inf) & (raw + raw.abs() * 1e-6 >= topk.kth()[None]), as_tuple=True)
+    one, up to rounding) reaches the k-th value kept so far, or the k-th known one of this batch
+    (which is above the floor, so above every map without values there); -inf where a map cannot
+    enter."""
+    bar = topk.kth()
+    if known.shape[0] >= topk.k:
+        bar = torch.maximum(bar, known.topk(topk.k, dim=0).values[-1])
+    n, u = torch.nonzero((known == -math.inf) & (raw + raw.abs() * 1e-6 >= bar[None]), as_tuple=True)
     per = max(1, _CHUNK_ELEMENTS // max(1, size[0] * size[1]))
     for i in range(0, n.numel(), per):
         nn, uu = n[i:i + per], u[i:i + per]
@@ -328,10 +333,13 @@ class _Run:
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
             rows, cols = (((torch.arange(k) + torch.rand(i1 - i0, k, generator=g)) * (n / k)).long().clamp(max=n - 1).to(self.device)
                           for k, n in ((R, H), (S, W)))
-            for name in self.layers:
+
+            def sample(name):
                 for u0, u1 in _unit_chunks(acts[name], self.seg_grid):
                     lattice = upsample_lattice(acts[name][:, u0:u1], self.seg_grid, rows, cols)  # (N,U,R,S)
                     values[name][u0:u1, i0:i1] = lattice.transpose(0, 1).reshape(u1 - u0, i1 - i0, R * S)
+
+            self.side.run(sample, self.layers, [self.units[name] for name in self.layers])
             bar.update(1)
         self.edges = {}
 
