@@ -8,13 +8,17 @@ along the height.  Every output value is ``h[i0] * w0 + h[i1] * w1`` of the same
 function computes it, so the sparse readers below agree with ``upsample`` bit for bit:
 
 - ``upsample(r, size)``: the whole map.
-- ``upsample_above(r, size, low)``: only the pixels above a per-unit floor, found without
-  computing the others (a bilinear value never exceeds the largest of the four sources it
-  blends), which is what a top-1% dissection needs: a few percent of the pixels.
+- ``upsample_columns(r, size, low)``: the columns of interpolation cells that may hold pixels
+  above a per-unit floor, found without computing the others (a bilinear value never exceeds
+  the largest of the four sources it blends), which is what a top-1% dissection needs: a few
+  percent of the pixels.  ``upsample_above(r, size, low)``: those pixels alone.
 - ``upsample_max(r, size)``: each map's maximum, read at the corner pixels of the interpolation
   cells (a bilinear function on a grid peaks at a corner of each cell).
 - ``upsample_at(r, size, rows, cols)``: values on a chosen sub-grid of rows and columns.
 - ``upsample_pixels(r, size, pixels)``: values at chosen pixels, different for each sample.
+
+And one that is not bit for bit: ``upsample_lattice(r, size, rows, cols)``, values on each
+sample's own lattice as matrix products, for estimates (the dissection's pilot).
 """
 from __future__ import annotations
 
@@ -228,7 +232,7 @@ def _column_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dty
                                     (rmem[:, 0, None] * W + cmem[None, :, 0]).reshape(-1),
                                     torch.arange(K).repeat(G)], 1),
              col_weights=torch.where((cmem >= 0).repeat(1, 2), torch.cat([cw0[cmem.clamp(min=0)], cw1[cmem.clamp(min=0)]], 1),
-                                     torch.tensor(float("nan"), dtype=dtype)))  # (K, 2Q); padding never passes
+                                     nan))  # (K, 2Q)
     # consecutive row tiles with the same weights form a run, interpolated by broadcasting
     runs, g0 = [], 0
     for g in range(1, G + 1):
