@@ -364,8 +364,11 @@ class _Run:
     def main_pass(self, batches, bar):
         last = time.monotonic()
         H, W = self.seg_grid
-        # batches the pilot kept are counted together, as many as one unit chunk holds
+        # batches the pilot kept are counted together, as many as one unit chunk holds; they stay
+        # for refinement only if they are all the samples (else the forward passes to come need
+        # their memory)
         group = max(self.bs, _CHUNK_ELEMENTS // max(self.units[name] * H * W for name in self.layers))
+        keep = all(self.cached(i0, i1, self.layers) is not None for i0, i1 in batches)
         b = self.next_batch
         while b < len(batches):
             i0, e = batches[b][0], b
@@ -376,6 +379,8 @@ class _Run:
                     if acts is None:
                         break
                     kept.append(acts)
+                    if not keep:
+                        del self.cache[batches[e][0]]
                     e += 1
                 if kept:
                     i1 = batches[e - 1][1]
