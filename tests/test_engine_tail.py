@@ -145,11 +145,12 @@ def test_pilot_window_holds_the_quantile(seen):
     pilot = acts[:, torch.arange(seen)[:, None], idx]                     # (U, seen, S)
     flat = pilot.reshape(units, -1)
     q_hat = flat.kthvalue(int(round(q * (flat.shape[1] - 1))) + 1, dim=1).values
-    half = pilot_window(pilot, q_hat, samples, pixels)
+    fractions = (pilot > q_hat[:, None, None]).float().mean(2)
+    half = pilot_window(fractions, S, samples, pixels)
     rank = (acts.reshape(units, -1) > q_hat[:, None]).double().mean(1)    # true fraction above the pilot's value
     assert bool(((rank - (1 - q)).abs() <= half).all()), ((rank - (1 - q)).abs() / half).max()
     if seen == samples:
-        wide = pilot_window(pilot[:, :50], q_hat, samples, pixels)
+        wide = pilot_window(fractions[:, :50], S, samples, pixels)
         assert float(half.mean()) < float(wide.mean())
     edges = pilot_edges(pilot, q, 64, population=samples, pixels=pixels)
     exact = acts.reshape(units, -1).double().quantile(q, dim=1)

@@ -223,32 +223,36 @@ def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128, window=(
         below, above = (torch.as_tensor(x, dtype=torch.float64).expand(U) for x in window)
     # only the upper tail is read: select it rather than sort everything
     k = M - int(pos(quantile - below).min())
-    top = torch.topk(flat, k, dim=1, sorted=True).values                          # descending
+    top, where = torch.topk(flat, k, dim=1, sorted=True)                         # descending
     at = lambda p: top.gather(1, (M - 1 - p).clamp(max=k - 1).to(top.device)[:, None])[:, 0]  # noqa: E731
     if values.dim() == 3:
-        below = above = pilot_window(values, at(pos(quantile)), population or values.shape[1], pixels or 0).cpu()
-        below = above = below.double().clamp(max=_WINDOW_CAP)
+        n, S = values.shape[1:]
+        # each sample's fraction of pilot pixels above the pilot's quantile, from the tail alone
+        above_q = (top > at(pos(quantile))[:, None]).float()
+        fractions = torch.zeros(U, n, device=top.device).scatter_add_(1, torch.div(where, S, rounding_mode="floor"), above_q) / S
+        below = above = pilot_window(fractions, S, population or n, pixels or 0).cpu().double().clamp(max=_WINDOW_CAP)
     return grid_edges(at(pos(quantile - below)), at(pos(quantile + above)), bins)
 
 
-_WINDOW_CAP = 0.015  # the widest a pilot's window may get: a pilot worse than this is repaired
+_WINDOW_CAP = 0.012  # the widest a pilot's window may get: a pilot worse than this is repaired
 
 
-def pilot_window(values: torch.Tensor, q: torch.Tensor, population: int, pixels: int, z: float = 4.5,
+def pilot_window(fractions: torch.Tensor, pixels_seen: int, population: int, pixels: int, z: float = 4.5,
                  least: float = 5e-4) -> torch.Tensor:
-    """Per-unit half-width (U,) in rank of a window around the pilot's quantile values ``q``
-    (U,) that holds the quantile of the whole data set, from pilot values (U, n, S): S random
-    pixels (of ``pixels``) of each of the first n of ``population`` samples.
+    """Per-unit half-width (U,) in rank of a window around the pilot's quantile that holds the
+    quantile of the whole data set.  ``fractions`` (U, n): of ``pixels_seen`` random pixels (of
+    ``pixels``) of each of the first n of ``population`` samples, the fraction above the pilot's
+    quantile.
 
     The pilot's rank error has two parts: which samples it saw (none, if it saw them all) and
-    which pixels of them.  Both are estimated from the fractions f_i of each sample's pilot
-    pixels above ``q``: var = s_f^2 (1/n - 1/population) + mean(f(1-f))/(S n), where s_f^2 is
-    the variance of the f_i less their pixel noise.  The window is ``z`` standard errors plus
-    ``least``.  It assumes the pilot's samples represent the rest: a unit that fires on a few
+    which pixels of them: var = s_f^2 (1/n - 1/population) + mean(f(1-f))/(S n), where s_f^2 is
+    the variance of the fractions f less their pixel noise.  The window is ``z`` standard errors
+    plus ``least``.  It assumes the pilot's samples represent the rest: a unit that fires on a few
     samples the pilot hardly saw can miss its window (the dissection then refines it).
     """
-    U, n, S = values.shape
-    f = (values > q.to(values)[:, None, None]).float().mean(2).double()         # (U, n)
+    f = fractions.double()
+    U, n = f.shape
+    S = pixels_seen
     fpc = max(0.0, 1 - S / pixels) if pixels > 1 else 1.0
     pixel_var = (f * (1 - f)).mean(1) * fpc / S
     sample_var = ((f.var(1) if n > 1 else torch.zeros_like(pixel_var)) - pixel_var).clamp(min=0)
