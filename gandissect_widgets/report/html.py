@@ -160,7 +160,7 @@ def _layer_section(d, layer, min_iou, strips):
     ids, ious = d.unit_label_ids(layer), d.unit_ious(layer)
     iou = d.iou(layer)
     interp = d.interpretable(layer, min_iou)
-    order = np.lexsort((np.arange(len(ids)), -ious))
+    order = np.lexsort((np.arange(len(ids)), -ious))  # as the page's own sort: IoU (all its digits), then unit
     cards = []
     for u in order:
         u = int(u)
@@ -174,7 +174,7 @@ def _layer_section(d, layer, min_iou, strips):
             pic = (f"<img class='strip' src='{uri}' width='{w * scale}' height='{h * scale}' "
                    f"alt='top samples of {_e(layer)} unit {u}'>")
         cards.append(
-            f"<div class='card{' interp' if interp[u] else ''}' data-unit='{u}' data-iou='{ious[u]:.6f}' "
+            f"<div class='card{' interp' if interp[u] else ''}' data-unit='{u}' data-iou='{float(ious[u])!r}' "
             f"data-concept='{_e(label)}' data-interpretable='{int(interp[u])}'>"
             f"<div class='head'><b>unit {u}</b> <span class='concept'>{_e(label)}</span> "
             f"<span class='iou'>IoU {ious[u]:.3f}</span></div>{pic}"
