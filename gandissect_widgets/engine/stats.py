@@ -403,7 +403,8 @@ class TailHistogram:
         index = torch.int32 if labels.keys.numel() < 2 ** 31 else torch.int64
         slots = pixels.to(index)[None] + torch.arange(values.shape[0], device=pixels.device, dtype=index)[:, None] * stride
         for k in range(labels.channels):
-            self._count(key + labels.keys.index_select(0, (slots + k * labels.plane).view(-1)).view_as(key), k)
+            lab = labels.keys.index_select(0, (slots.add_(labels.plane) if k else slots).view(-1)).view_as(key)
+            self._count(key.add_(lab) if k == labels.channels - 1 else key + lab, k)
 
     def add(self, acts: torch.Tensor, seg: torch.Tensor, unit_offset: int = 0, count_concepts: bool = True):
         """acts: (N,Uc,H,W) upsampled activations of units [unit_offset, unit_offset+Uc);

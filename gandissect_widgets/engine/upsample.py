@@ -351,7 +351,7 @@ def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor
         starts = torch.searchsorted(m, torch.searchsorted(info[:, 0].contiguous(), firsts)).tolist()
         for (_, n, w0, w1), s, e in zip(T["runs"], starts, starts[1:]):
             if e > s:
-                torch.add(a[s:e] * w0, b[s:e] * w1, out=values[:n, s:e])
+                torch.mul(a[s:e], w0, out=values[:n, s:e]).add_(b[s:e] * w1)
                 values[n:, s:e] = -math.inf
     else:
         gm = info[:, 0].index_select(0, m)
