@@ -1,5 +1,5 @@
 """The pieces of the fast dissection: the column reader of the tail, exact binning on grid edges,
-the pilot's window, the pilot's lattice, and layers side by side, each against brute force."""
+the pilot's window, and layers side by side, each against brute force."""
 import math
 
 import numpy as np
@@ -10,7 +10,7 @@ import gandissect_widgets as gw
 from gandissect_widgets.engine.sidebyside import SideBySide
 from gandissect_widgets.engine.stats import (TailHistogram, dedupe_channels, grid_edges, label_keys, pilot_edges,
                                              pilot_window)
-from gandissect_widgets.engine.upsample import upsample, upsample_columns, upsample_lattice
+from gandissect_widgets.engine.upsample import upsample, upsample_columns
 from tiny import TinyGenerator, TinySegmenter
 
 
@@ -155,15 +155,6 @@ def test_pilot_window_holds_the_quantile(seen):
     edges = pilot_edges(pilot, q, 64, population=samples, pixels=pixels)
     exact = acts.reshape(units, -1).double().quantile(q, dim=1)
     assert bool(((edges[:, 0] <= exact) & (edges[:, -1] >= exact)).all())   # the edges hold it too
-
-
-def test_lattice_matches_upsample():
-    g = torch.Generator().manual_seed(3)
-    r = torch.randn(3, 4, 8, 6, generator=g)
-    rows, cols = torch.randint(0, 40, (3, 5), generator=g), torch.randint(0, 30, (3, 7), generator=g)
-    full = upsample(r, (40, 30))
-    ref = full[torch.arange(3)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    torch.testing.assert_close(upsample_lattice(r, (40, 30), rows, cols), ref, rtol=0, atol=1e-6)
 
 
 def test_side_by_side_runs_everything_once_and_restores_threads():

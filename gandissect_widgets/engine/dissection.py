@@ -3,11 +3,11 @@
 How the passes go (n samples, batches of b, layers L1..Lm):
 1. Probe: one latent through the generator, to check shapes and find which requested layer runs last.
 2. Pilot: the first ``pilot_samples`` samples run through the generator and the segmenter; each
-   unit's upsampled activations on a jittered lattice of ``pilot_pixels`` pixels per sample place
-   that unit's histogram edges around the target quantile, in a window as wide as the pilot's own
-   error needs (``stats.pilot_window``: narrow when the pilot saw every sample).  Their
-   segmentations are cached (on disk, ``uint8``/``int16``), never redone; their activations are
-   kept (up to ``_PILOT_CACHE_BYTES``) for the main pass.
+   unit's upsampled activations at ``pilot_pixels`` pixels per sample (one random pixel in each
+   block of a grid) place that unit's histogram edges around the target quantile, in a window as
+   wide as the pilot's own error needs (``stats.pilot_window``: narrow when the pilot saw every
+   sample).  Their segmentations are cached (on disk, ``uint8``/``int16``), never redone; their
+   activations are kept (up to ``_PILOT_CACHE_BYTES``) for the main pass.
 3. Main pass: every sample once through the generator (cut short after the last requested layer
    where its segmentation is already cached) and the segmenter, or from the pilot's activations;
    all layers accumulate moments, top-k and a tail histogram joint with the labels
@@ -44,13 +44,13 @@ from gandissect_widgets.engine.results import Dissection
 from gandissect_widgets.engine.sidebyside import SideBySide
 from gandissect_widgets.engine.stats import (MAX_BINS, RunningMoments, RunningTopK, TailHistogram,
                                              dedupe_channels, grid_edges, label_keys, pilot_edges)
-from gandissect_widgets.engine.upsample import upsample_columns, upsample_lattice, upsample_max
+from gandissect_widgets.engine.upsample import upsample_columns, upsample_max, upsample_pixels
 
 __all__ = ["dissect", "ENGINE_VERSION"]
 
 # 2: pilot window (0.01, 0.008) below/above the quantile; 3: evenly spaced edges, window
 # (0.005, 0.004), pilot of 512 samples x 64 pixels; 4: edges on a power-of-two grid, a window
-# sized per unit from the pilot's own error, pilot pixels on a jittered 8 x 8 lattice per sample
+# sized per unit from the pilot's own error, pilot pixels one in each block of an 8 x 8 grid
 ENGINE_VERSION = 4
 _CHUNK_ELEMENTS = 1 << 25  # upsampled values (at most) held at once per layer
 _PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
@@ -329,15 +329,16 @@ class _Run:
             if held + size <= _PILOT_CACHE_BYTES:  # the main pass reuses them
                 self.cache[i0] = acts
                 held += size
-            # a jittered R x S lattice of pixels in each sample: one row in each band of H/R rows
+            # one random pixel in each of R x S blocks of each sample: independent pixels, spread out
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
-            rows, cols = (((torch.arange(k) + torch.rand(i1 - i0, k, generator=g)) * (n / k)).long().clamp(max=n - 1).to(self.device)
-                          for k, n in ((R, H), (S, W)))
+            block = torch.rand(2, i1 - i0, R, S, generator=g)
+            y = ((torch.arange(R)[:, None] + block[0]) * (H / R)).long().clamp(max=H - 1)
+            x = ((torch.arange(S)[None, :] + block[1]) * (W / S)).long().clamp(max=W - 1)
+            pixels = (y * W + x).reshape(i1 - i0, R * S).to(self.device)
 
             def sample(name):
                 for u0, u1 in _unit_chunks(acts[name], self.seg_grid):
-                    lattice = upsample_lattice(acts[name][:, u0:u1], self.seg_grid, rows, cols)  # (N,U,R,S)
-                    values[name][u0:u1, i0:i1] = lattice.transpose(0, 1).reshape(u1 - u0, i1 - i0, R * S)
+                    values[name][u0:u1, i0:i1] = upsample_pixels(acts[name][:, u0:u1], self.seg_grid, pixels).transpose(0, 1)
 
             self.side.run(sample, self.layers, [self.units[name] for name in self.layers])
             bar.update(1)

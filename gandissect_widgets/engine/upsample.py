@@ -16,9 +16,6 @@ function computes it, so the sparse readers below agree with ``upsample`` bit fo
   cells (a bilinear function on a grid peaks at a corner of each cell).
 - ``upsample_at(r, size, rows, cols)``: values on a chosen sub-grid of rows and columns.
 - ``upsample_pixels(r, size, pixels)``: values at chosen pixels, different for each sample.
-
-And one that is not bit for bit: ``upsample_lattice(r, size, rows, cols)``, values on each
-sample's own lattice as matrix products, for estimates (the dissection's pilot).
 """
 from __future__ import annotations
 
@@ -30,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["upsample", "upsample_above", "upsample_columns", "Columns", "upsample_max", "upsample_at",
-           "upsample_pixels", "upsample_lattice", "pool_mask"]
+           "upsample_pixels", "pool_mask"]
 
 
 @functools.lru_cache(maxsize=128)
@@ -130,40 +127,21 @@ def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor) -> torch.Tensor
     r = _float(r)
     N, C, h, w = r.shape
     dev = r.device
-    pixels = pixels.to(dev).long()
+    S = pixels.shape[1]
+    pixels = pixels.to(dev).long().reshape(-1)
     y, x = pixels // W, pixels % W
-    i0, i1, w0, w1 = (t[y] for t in _taps(h, H, str(dev), r.dtype))
-    j0, j1, v0, v1 = (t[x] for t in _taps(w, W, str(dev), r.dtype))
-    v0, v1 = v0[:, None], v1[:, None]
-    flat = r.reshape(N, C, h * w)
+    i0, i1, w0, w1 = (t.index_select(0, y)[:, None] for t in _taps(h, H, str(dev), r.dtype))
+    j0, j1, v0, v1 = (t.index_select(0, x)[:, None] for t in _taps(w, W, str(dev), r.dtype))
+    rows = r.permute(0, 2, 3, 1).reshape(N * h * w, C)          # channels last: a source is one row
+    first = torch.arange(N, device=dev).repeat_interleave(S)[:, None] * (h * w)
 
     def source(row, col):
-        return flat.gather(2, (row * w + col)[:, None].expand(-1, C, -1))
+        return rows.index_select(0, (first + row * w + col).view(-1))                        # (N*S, C)
 
     # as in _along_width, then _along_height: the same products and sums, so the same bits
     top = source(i0, j0) * v0 + source(i0, j1) * v1
     bottom = source(i1, j0) * v0 + source(i1, j1) * v1
-    return top * w0[:, None] + bottom * w1[:, None]
-
-
-def upsample_lattice(r: torch.Tensor, size, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(N,C,h,w), output rows (N,R) and columns (N,S) of each sample -> (N,C,R,S): the upsampled
-    values on each sample's own lattice, as two batched products with interpolation matrices.
-    Equal to ``upsample`` up to rounding only (a product sums in its own order): for estimates
-    such as the dissection's pilot, never for counting."""
-    H, W = _size(size)
-    r = _float(r)
-    N, C, h, w = r.shape
-
-    def interpolation(n_in, n_out, idx):
-        i0, i1, w0, w1 = _taps(n_in, n_out, str(r.device), r.dtype)
-        m = torch.zeros(idx.shape + (n_in,), dtype=r.dtype, device=r.device)
-        m.scatter_add_(-1, i0[idx][..., None], w0[idx][..., None])
-        return m.scatter_add_(-1, i1[idx][..., None], w1[idx][..., None])
-
-    x = torch.bmm(interpolation(h, H, rows), r.permute(0, 2, 1, 3).reshape(N, h, C * w))   # (N,R,C*w)
-    x = torch.bmm(x.view(N, -1, w), interpolation(w, W, cols).transpose(1, 2))              # (N,R*C,S)
-    return x.view(N, rows.shape[1], C, cols.shape[1]).transpose(1, 2)
+    return (top * w0 + bottom * w1).view(N, S, C).transpose(1, 2)
 
 
 def upsample_max(r: torch.Tensor, size) -> torch.Tensor:
