@@ -6,7 +6,9 @@
 
 Prints the device, (a) and (b) in seconds over the same N samples, the ratio (b)/(a) (target
 <= 1.3), and the peak memory of dissect() at N and 4N samples, each measured in a fresh
-subprocess (it should not grow with N).  The timings alternate (a) and (b) for ``--rounds``
+subprocess (it should not grow with N).  On Linux the peak of anonymous memory is printed too:
+the peak resident size also counts the pages of the segmentation cache, a file on disk that
+the kernel may drop, which holds N x H x W bytes by design.  The timings alternate (a) and (b) for ``--rounds``
 rounds in one process and report medians, with the median and spread of the per-round ratios:
 a shared machine's speed drifts by tens of percent between seconds.
 
@@ -24,6 +26,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -62,6 +65,42 @@ def run_dissect(G, S, a, n):
     return time.perf_counter() - t
 
 
+class AnonPeak:
+    """Peak anonymous resident memory (MB) of this process, sampled every 20 ms (Linux only)."""
+
+    def __init__(self):
+        self.peak, self._stop = None, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def now():
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            return None
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            mb = self.now()
+            if mb is not None:
+                self.peak = max(self.peak or 0, mb)
+
+    def __enter__(self):
+        self.peak = self.now()
+        if self.peak is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        mb = self.now()
+        if mb is not None:
+            self.peak = max(self.peak, mb)
+
+
 def child(a):
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -69,16 +108,20 @@ def child(a):
     if str(a.device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     forward_only(G, S, min(a.samples, 2 * a.batch_size), a.batch_size, a.device)  # warm-up
-    out = {}
+    out, anon = {}, None
     if a.child == "forward":
-        out["seconds"] = forward_only(G, S, a.samples, a.batch_size, a.device)
+        with AnonPeak() as anon:
+            out["seconds"] = forward_only(G, S, a.samples, a.batch_size, a.device)
     elif a.child == "timing":  # (a) and (b) in turn
         out["forward"], out["dissect"] = [], []
         for _ in range(a.rounds):
             out["forward"].append(forward_only(G, S, a.samples, a.batch_size, a.device))
             out["dissect"].append(run_dissect(G, S, a, a.samples))
     else:
-        out["seconds"] = run_dissect(G, S, a, a.samples)
+        with AnonPeak() as anon:
+            out["seconds"] = run_dissect(G, S, a, a.samples)
+    if anon is not None and anon.peak is not None:
+        out["anon_peak_mb"] = anon.peak
     out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if str(a.device).startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -130,6 +173,10 @@ def main():
     key = "cuda_peak_mb" if "cuda_peak_mb" in fb else "max_rss_mb"
     print(f"peak memory ({key}): N={a.samples}: {fb[key]:.0f} MB; 4N={4 * a.samples}: {f4[key]:.0f} MB; "
           f"growth {f4[key] - fb[key]:+.0f} MB (forward alone: {fa[key]:.0f} MB)")
+    if key == "max_rss_mb" and "anon_peak_mb" in fb:
+        key = "anon_peak_mb"
+        print(f"peak anonymous memory: N={a.samples}: {fb[key]:.0f} MB; 4N={4 * a.samples}: {f4[key]:.0f} MB; "
+              f"growth {f4[key] - fb[key]:+.0f} MB (forward alone: {fa[key]:.0f} MB)")
 
 
 if __name__ == "__main__":
