@@ -75,6 +75,18 @@ def img_src(page, selector):
     return page.eval_on_selector(selector, "e => e.getAttribute('src')")
 
 
+def wait_or_traceback(page, selector, timeout):
+    """Wait for ``selector`` to be attached; fail at once, with its text, if a cell shows a
+    Python traceback instead (Run All stops at an error, and the widgets would never come)."""
+    found = page.wait_for_function("""s => {
+        if (document.querySelector(s)) return 'ok';
+        for (const e of document.querySelectorAll('.jp-OutputArea-output')) {
+            if (e.textContent.includes('Traceback (most recent call last)')) return e.textContent;
+        }
+        return false; }""", arg=selector, timeout=timeout, polling=500).json_value()
+    assert found == "ok", f"a cell failed while waiting for {selector}:\n{found[-3000:]}"
+
+
 def wait_src_change(page, selector, old, timeout=60_000):
     page.wait_for_function("([s, old]) => { const e = document.querySelector(s); "
                            "return e && e.getAttribute('src') && e.getAttribute('src') !== old; }",
@@ -122,10 +134,9 @@ def drive(page, url, token):
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
     page.locator("li.lm-Menu-item", has=page.locator(".lm-Menu-itemLabel",
                                                       has_text=re.compile("^Run All Cells$"))).click()
-    page.wait_for_selector(".gd-ablation img.gd-edited[src]", state="attached", timeout=300_000)
-    page.wait_for_selector("canvas.gd-paint-canvas", state="attached", timeout=300_000)
-    page.wait_for_selector(".gd-paint img.gd-paint-result[src]", state="attached", timeout=300_000)
-    page.wait_for_selector(".gd-browser .gd-unit-card img[src]", state="attached", timeout=300_000)
+    for selector in (".gd-ablation img.gd-edited[src]", "canvas.gd-paint-canvas", ".gd-paint img.gd-paint-result[src]",
+                     ".gd-browser .gd-unit-card img[src]"):
+        wait_or_traceback(page, selector, timeout=300_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=300_000)
     page.screenshot(path=os.path.join(ARTIFACTS, "tour_full.png"), full_page=True)
 
