@@ -207,6 +207,7 @@ class _Run:
         self.stats: dict[str, _LayerStats] = {}
         self.next_batch = 0
         self.edges: dict[str, torch.Tensor] | None = None
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}  # the pilot's kept activations, by first sample
 
     # -- forward ------------------------------------------------------------------------------
     def probe(self):
@@ -313,7 +314,7 @@ class _Run:
             finally:
                 bar.close()
             self.refine()
-        self.cache = None
+        self.cache = {}
         return self.readout()
 
     def pilot_pass(self, batches, bar):
@@ -357,7 +358,7 @@ class _Run:
 
     def cached(self, i0, i1, layers):
         """Activations of samples [i0, i1) kept by the pilot, or None."""
-        acts = (getattr(self, "cache", None) or {}).get(i0)
+        acts = self.cache.get(i0)
         if acts is None or i1 > self.segmented or acts[self.layers[0]].shape[0] != i1 - i0:
             return None
         return {name: acts[name] for name in layers}

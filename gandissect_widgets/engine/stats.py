@@ -374,22 +374,6 @@ class TailHistogram:
         if channel == 0:  # channel 0 labels every pixel (0 -> void): its counts summed over labels are the histogram
             self.hist[:, 1:] += counts.sum(1)
 
-    def add_tail(self, n_i, u, pix, vals, seg: torch.Tensor, m: torch.Tensor | None = None):
-        """Add the tail values ``vals`` (each above its unit's lowest edge) of units ``u`` at
-        sample ``n_i`` (index into ``seg``) and flat pixel ``pix`` of the (H,W) grid of ``seg``
-        (N,K,H,W, deduped).  Values at or below the lowest edge must not be passed.
-        ``m``: values are grouped: value i is of sample ``n_i[m[i]]`` and unit ``u[m[i]]``."""
-        if vals.numel() == 0:
-            return
-        if m is not None:
-            n_i, u = n_i.index_select(0, m), u.index_select(0, m)
-        labels = label_keys(seg, self.bins, self.concepts)
-        bins = self._bins(vals, u, None).clamp_(1, self.bins).to(self._key_dtype)
-        key = bins.add_(self._key_offset.index_select(0, u))
-        where = n_i * (seg.shape[-2] * seg.shape[-1]) + pix
-        for k in range(labels.channels):
-            self._count(key + labels.keys.index_select(0, where + k * labels.plane), k)
-
     def add_columns(self, values: torch.Tensor, units: torch.Tensor, pixels: torch.Tensor, stride: int,
                     labels: "LabelKeys", finite: bool = True):
         """Add every value of ``upsample_columns``' columns (those at or below the lowest edge
@@ -423,7 +407,9 @@ class TailHistogram:
         HW = H * W
         n_i = flat // (Uc * HW)
         rem = flat - n_i * (Uc * HW)
-        self.add_tail(n_i, rem // HW + unit_offset, rem % HW, acts.reshape(-1)[flat], seg)
+        # each tail value is a column of one slot
+        self.add_columns(acts.reshape(-1)[flat][None], rem // HW + unit_offset, n_i * HW + rem % HW, 0,
+                         label_keys(seg, self.bins, self.concepts))
 
     # -- readout -------------------------------------------------------------------------------
     def counts_above(self) -> torch.Tensor:

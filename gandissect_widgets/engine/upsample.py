@@ -220,6 +220,7 @@ def _column_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dty
             g0 = g
     if len(runs) <= _MAX_RUNS:
         t["runs"] = runs
+        t["run_firsts"] = torch.tensor([run[0] for run in runs] + [G])  # each run's first row tile, then G
     else:  # per column weights, and where a column is shorter than P
         t["runs"] = None
         t["rw0"], t["rw1"], t["padded"] = RW0.t().contiguous(), RW1.t().contiguous(), (~inside).t().contiguous()
@@ -325,8 +326,7 @@ def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor
     if T["runs"] is not None:
         values = torch.empty(P, Mc, dtype=r.dtype, device=dev)
         # tiles, hence columns, come by row tile: each run of row tiles is a range of columns
-        firsts = torch.tensor([run[0] for run in T["runs"]] + [G], device=dev)
-        starts = torch.searchsorted(m, torch.searchsorted(info[:, 0].contiguous(), firsts)).tolist()
+        starts = torch.searchsorted(m, torch.searchsorted(info[:, 0].contiguous(), T["run_firsts"])).tolist()
         for (_, n, w0, w1), s, e in zip(T["runs"], starts, starts[1:]):
             if e > s:
                 torch.mul(a[s:e], w0, out=values[:n, s:e]).add_(b[s:e] * w1)
