@@ -2,7 +2,7 @@
 
     python benchmarks/dissect_speed.py [--generator sceneworld] [--segmenter sceneworld]
                                        [--layers layer3 layer4 layer5 layer6] [--samples 512] [--device cpu]
-                                       [--threads T] [--rounds 7] [--tuned-malloc]
+                                       [--threads T] [--rounds 7] [--lanes 2] [--tuned-malloc]
 
 Prints the device, (a) and (b) in seconds over the same N samples, the ratio (b)/(a) (target
 <= 1.3), and the peak memory of dissect() at N and 4N samples, each measured in a fresh
@@ -11,6 +11,11 @@ the peak resident size also counts the pages of the segmentation cache, a file o
 the kernel may drop, which holds N x H x W bytes by design.  The timings alternate (a) and (b) for ``--rounds``
 rounds in one process and report medians, with the median and spread of the per-round ratios:
 a shared machine's speed drifts by tens of percent between seconds.
+
+On a CPU dissect() runs ``--lanes`` batches through the models at once, one per thread, which
+uses the cores better than one forward pass on all of them: (a) is a plain loop, as a user would
+write it; for reference, the same forward in lanes is timed too, and (b) over it is the share of
+the statistics alone.
 
 ``--tuned-malloc`` runs the measurements with glibc's heap thresholds fixed
 (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so that freed memory is kept for reuse: with
@@ -33,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import gandissect_widgets as gw  # noqa: E402
+from gandissect_widgets.engine.sidebyside import SideBySide  # noqa: E402
 
 
 def load(a):
@@ -57,10 +63,22 @@ def forward_only(G, S, n, bs, device):
     return time.perf_counter() - t
 
 
+def forward_lanes(G, S, n, bs, device, lanes):
+    """(a) as dissect() schedules it: ``lanes`` batches at once, one per thread (engine.sidebyside)."""
+    z = G.sample_z(n, 1)
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad(), SideBySide(device, lanes) as side:
+        for _ in side.ahead(lambda i: S(G(z[i:i + bs].to(device))), range(0, n, bs)):
+            pass
+    sync(device)
+    return time.perf_counter() - t
+
+
 def run_dissect(G, S, a, n):
     sync(a.device)
     t = time.perf_counter()
-    gw.dissect(G, S, a.layers, n_samples=n, batch_size=a.batch_size, device=a.device, progress=False)
+    gw.dissect(G, S, a.layers, n_samples=n, batch_size=a.batch_size, device=a.device, progress=False, lanes=a.lanes)
     sync(a.device)
     return time.perf_counter() - t
 
@@ -112,10 +130,11 @@ def child(a):
     if a.child == "forward":
         with AnonPeak() as anon:
             out["seconds"] = forward_only(G, S, a.samples, a.batch_size, a.device)
-    elif a.child == "timing":  # (a) and (b) in turn
-        out["forward"], out["dissect"] = [], []
+    elif a.child == "timing":  # (a), (a) in lanes and (b) in turn
+        out["forward"], out["lanes"], out["dissect"] = [], [], []
         for _ in range(a.rounds):
             out["forward"].append(forward_only(G, S, a.samples, a.batch_size, a.device))
+            out["lanes"].append(forward_lanes(G, S, a.samples, a.batch_size, a.device, a.lanes))
             out["dissect"].append(run_dissect(G, S, a, a.samples))
     else:
         with AnonPeak() as anon:
@@ -135,6 +154,7 @@ def spawn(a, what, n):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--samples", str(n),
            "--generator", a.generator, "--segmenter", a.segmenter, "--device", a.device,
            "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--rounds", str(a.rounds),
+           "--lanes", str(a.lanes),
            "--layers", *a.layers]
     env = dict(os.environ, **TUNED_MALLOC) if a.tuned_malloc else None
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -151,6 +171,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--rounds", type=int, default=7, help="timing rounds of (a) then (b)")
+    p.add_argument("--lanes", type=int, default=2, help="dissect()'s lanes (batches through the models at once on a CPU)")
     p.add_argument("--tuned-malloc", action="store_true", help="glibc heap thresholds fixed (see the docstring)")
     p.add_argument("--child", default=None)
     a = p.parse_args()
@@ -159,7 +180,7 @@ def main():
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"device: {a.device} ({dev}); torch {torch.__version__}; threads {a.threads or torch.get_num_threads()}")
     print(f"generator {a.generator}, segmenter {a.segmenter}, layers {' '.join(a.layers)}, "
-          f"N={a.samples}, batch {a.batch_size}, malloc {'tuned' if a.tuned_malloc else 'default'}")
+          f"N={a.samples}, batch {a.batch_size}, lanes {a.lanes}, malloc {'tuned' if a.tuned_malloc else 'default'}")
     t = spawn(a, "timing", a.samples)
     ta, tb = statistics.median(t["forward"]), statistics.median(t["dissect"])
     ratios = sorted(b / f for f, b in zip(t["forward"], t["dissect"]))
@@ -167,6 +188,9 @@ def main():
     print(f"(b) dissect() of {len(a.layers)} layers:       {tb:.2f} s  ({a.samples / tb:.0f} samples/s)")
     print(f"ratio (b)/(a): {tb / ta:.2f}  (target <= 1.3; per round: median {statistics.median(ratios):.2f}, "
           f"{ratios[0]:.2f} to {ratios[-1]:.2f})")
+    tl = statistics.median(t["lanes"])
+    print(f"for reference, (a) in {a.lanes} lanes as dissect() runs it: {tl:.2f} s; (b) / that: {tb / tl:.2f} "
+          "(the statistics' own share)")
     fa = spawn(a, "forward", a.samples)
     fb = spawn(a, "dissect", a.samples)
     f4 = spawn(a, "dissect", 4 * a.samples)

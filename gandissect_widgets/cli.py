@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="latent seed (default 1)")
     p.add_argument("--quantile", type=float, default=0.99, help="threshold quantile (default 0.99: top 1%%)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lanes", type=int, default=2,
+                   help="on a CPU, batches run through the models at once, one per thread (default 2; 1 uses the least memory)")
     p.add_argument("--topk", type=int, default=20, help="top-activating samples kept per unit")
     p.add_argument("--min-iou", type=float, default=0.04, help="IoU above which a unit is interpretable")
     p.add_argument("--out", required=True, help="output directory (dissect.json, arrays.npz)")
@@ -140,7 +142,7 @@ def cmd_dissect(a):
     S = _load("segmenter", a.segmenter, a.segmenter_checkpoint, device)
     cache = None if (a.cache_dir or "").lower() == "none" else (a.cache_dir or os.path.join(a.out, ".cache"))
     d = dissect(G, S, a.layers, n_samples=a.samples, seed=a.seed, quantile=a.quantile, batch_size=a.batch_size,
-                device=device, cache_dir=cache, topk=a.topk, progress=not a.quiet,
+                device=device, cache_dir=cache, topk=a.topk, progress=not a.quiet, lanes=a.lanes,
                 generator_name=a.generator, segmenter_name=a.segmenter)
     d.save(a.out, min_iou=a.min_iou)
     for layer in d.layers:

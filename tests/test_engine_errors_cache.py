@@ -53,6 +53,7 @@ class FlatGenerator(TinyGenerator):
     (lambda: run(quantile=1.5), r"quantile must be in"),
     (lambda: run(bins=4096), r"bins must be an integer >= 16 and <= 1024"),
     (lambda: run(layers=[]), r"at least one layer"),
+    (lambda: run(lanes=0), r"lanes must be an integer >= 1"),
     (lambda: run(layers=["layer2.conv"], n_samples=4), None),  # nested path is fine
 ])
 def test_bad_input_clear_errors_no_files(tmp_path, make, match):

@@ -1,4 +1,6 @@
 """Hooks: retain, edit, stop, partial forward; hooks always removed."""
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torch import nn
@@ -25,6 +27,25 @@ def test_trace_retains_and_stops():
     assert torch.equal(tr2.output, tr.output)
     assert n_hooks(G) == 0
     assert full.shape == (3, 3, 16, 16)
+
+
+def test_this_thread_traces_only_its_own_thread():
+    G = TinyGenerator()
+    z = G.sample_z(3, 0)
+    with torch.no_grad():
+        plain = G(z)
+        with gw.TraceDict(G, ["layer2"], edit_output=lambda out, name: out * 0, this_thread=True) as tr:
+            with ThreadPoolExecutor(1) as pool:
+                other = pool.submit(G, z).result()  # another thread's forward passes through untouched
+            assert tr["layer2"].output is None
+            assert torch.equal(other, plain)
+            mine = G(z)
+        assert tr["layer2"].output.shape == (3, 5, 8, 8)
+        assert not torch.equal(mine, plain)
+        with gw.Trace(G, "layer2", edit_output=lambda out: out * 0):  # by default, every thread's
+            with ThreadPoolExecutor(1) as pool:
+                assert torch.equal(pool.submit(G, z).result(), mine)
+    assert n_hooks(G) == 0
 
 
 def test_hooks_removed_after_exception():

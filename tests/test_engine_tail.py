@@ -179,18 +179,59 @@ def test_side_by_side_runs_everything_once_and_restores_threads():
     assert SideBySide("meta").cores == 1  # off the CPU, work runs in turn
 
 
+def test_ahead_yields_in_order_with_lanes_working_ahead():
+    import threading
+    import time
+    before = torch.get_num_threads()
+    lock, busy, most, where = threading.Lock(), [0], [0], {}
+
+    def work(item):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.02)
+        where[item] = (threading.get_ident(), torch.get_num_threads())
+        with lock:
+            busy[0] -= 1
+        if item == 5:
+            raise RuntimeError("boom at 5")
+        return item * item
+
+    with SideBySide("cpu") as side:
+        side.cores, side.lanes = 2, 2  # as on a 2-core machine, whatever this one has
+        got = []
+        with pytest.raises(RuntimeError, match="boom at 5"):
+            for out in side.ahead(work, range(9)):
+                got.append(out)
+                time.sleep(0.03)  # the caller's own work: the lanes go on meanwhile
+        assert got == [i * i for i in range(5)]   # in order, up to the failing item
+        assert busy[0] == 0 and most[0] == 2       # both lanes worked at once; none is left working
+        assert set(where) <= set(range(8)) and {n for _, n in where.values()} == {1}
+        assert threading.get_ident() not in {t for t, _ in where.values()}
+        assert torch.get_num_threads() == before
+        stream = side.ahead(work, range(20, 30))
+        assert next(stream) == 400
+        stream.close()                             # stopping early waits for the work in flight
+        assert busy[0] == 0 and len([i for i in where if i >= 20]) <= 3
+        side.lanes = 1                             # one lane: in the caller's thread, one at a time
+        where.clear()
+        assert list(side.ahead(work, [1, 2])) == [1, 4]
+        assert {t for t, _ in where.values()} == {threading.get_ident()}
+
+
 def test_dissection_does_not_depend_on_threads():
     G, S = TinyGenerator(), TinySegmenter(channels=2)
     before = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+        for threads, lanes in ((1, 1), (2, 1), (2, 2), (2, 3)):
+            torch.set_num_threads(threads)  # the main pass runs forward passes (pilot of 40 < 96 samples)
             results.append(gw.dissect(G, S, ["layer1", "layer2", "layer3"], n_samples=96, seed=4, batch_size=16,
-                                      progress=False, pilot_samples=40))
+                                      progress=False, pilot_samples=40, lanes=lanes))
     finally:
         torch.set_num_threads(before)
-    a, b = results
-    for layer in a.layers:
-        for name in ("iou", "thresholds", "topk_indices", "topk_values", "intersection", "mean"):
-            np.testing.assert_array_equal(a.array(layer, name), b.array(layer, name), err_msg=f"{layer} {name}")
+    a = results[0]
+    for b in results[1:]:
+        for layer in a.layers:
+            for name in ("iou", "thresholds", "topk_indices", "topk_values", "intersection", "mean", "std"):
+                np.testing.assert_array_equal(a.array(layer, name), b.array(layer, name), err_msg=f"{layer} {name}")

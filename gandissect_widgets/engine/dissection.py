@@ -12,9 +12,10 @@ How the passes go (n samples, batches of b, layers L1..Lm):
    where its segmentation is already cached) and the segmenter, or from the pilot's activations;
    all layers accumulate moments, top-k and a tail histogram joint with the labels
    (``engine.stats``), reading only the interpolation columns that can reach the histogram
-   (``upsample.upsample_columns``).  On a CPU the layers run side by side on its cores
-   (``engine.sidebyside``).  A checkpoint is written every ``checkpoint_every`` seconds and when
-   an exception leaves the statistics whole.
+   (``upsample.upsample_columns``).  On a CPU the layers run side by side on its cores, and
+   ``lanes`` batches go through the models at once, ahead of the statistics, which are still
+   counted batch by batch in order (``engine.sidebyside``).  A checkpoint is written every
+   ``checkpoint_every`` seconds and when an exception leaves the statistics whole.
 4. Read-out: each unit's threshold is the histogram edge whose fraction of pixels above is nearest
    to ``1 - quantile``; its IoU with every concept is exact at that threshold.  Units whose edge
    misses the target rank by more than ``rank_tolerance`` (a pilot that was not representative)
@@ -24,6 +25,7 @@ How the passes go (n samples, batches of b, layers L1..Lm):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -59,7 +61,7 @@ _PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, 
 def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, quantile: float = 0.99,
             batch_size: int = 32, device=None, cache_dir=None, topk: int = 20, bins: int = 128,
             pilot_samples: int = 512, pilot_pixels: int = 64, rank_tolerance: float = 5e-4,
-            checkpoint_every: float = 60.0, progress: bool = True,
+            checkpoint_every: float = 60.0, progress: bool = True, lanes: int = 2,
             generator_name: str | None = None, segmenter_name: str | None = None) -> Dissection:
     """Dissect ``layers`` of ``generator`` against ``segmenter`` over ``n_samples`` latents.
 
@@ -70,9 +72,14 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     that affects them (weights, layers, n_samples, seed, quantile, topk, bins, pilot settings);
     the same call loads instead of recomputing, and an interrupted run resumes from its checkpoint.
     The generator (and a Module segmenter) are moved to ``device`` and put in eval mode.
+    ``lanes``: on a CPU, how many batches go through the generator and the segmenter at once, each
+    in its own thread with its share of the cores, ahead of the statistics (on 2 cores, two
+    forward passes on one core each run faster than one on both); each lane holds a batch's
+    memory, so ``lanes=1`` uses the least.  The models must not keep state between calls.
+    Results do not depend on it.  Off the CPU batches run in turn.
     """
     layers = _check_args(generator, segmenter, layers, n_samples, seed, quantile, batch_size, topk, bins,
-                         pilot_samples, pilot_pixels)
+                         pilot_samples, pilot_pixels, lanes)
     device = torch.device(device) if device is not None else model_device(generator)
     generator.to(device).eval()
     if isinstance(segmenter, torch.nn.Module):
@@ -100,7 +107,7 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
         work_dir = tempfile.mkdtemp(prefix="gandissect-")
     try:
         run = _Run(generator, segmenter, layers, labels, n_samples, seed, quantile, batch_size, device, topk,
-                   bins, pilot_samples, pilot_pixels, rank_tolerance, checkpoint_every, progress, work_dir, key)
+                   bins, pilot_samples, pilot_pixels, rank_tolerance, checkpoint_every, progress, work_dir, key, lanes)
         arrays = run.execute()
         result = Dissection(labels, arrays, settings)
         if result_dir is not None:
@@ -112,7 +119,7 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk, bins, pilot_samples, pilot_pixels):
+def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk, bins, pilot_samples, pilot_pixels, lanes):
     check_generator(G)
     check_segmenter(S)
     if isinstance(layers, str):
@@ -125,7 +132,8 @@ def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk, bins,
     resolve_layers(G, layers)
     for name, val, lo, hi in (("n_samples", n_samples, 1, None), ("batch_size", batch_size, 1, None),
                               ("topk", topk, 1, None), ("bins", bins, 16, MAX_BINS),
-                              ("pilot_samples", pilot_samples, 1, None), ("pilot_pixels", pilot_pixels, 16, None)):
+                              ("pilot_samples", pilot_samples, 1, None), ("pilot_pixels", pilot_pixels, 16, None),
+                              ("lanes", lanes, 1, None)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo or (hi and val > hi):
             raise ValueError(f"{name} must be an integer >= {lo}{f' and <= {hi}' if hi else ''}, got {val!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -190,12 +198,12 @@ def _sample_maxima(r, size, topk, known, raw):
 
 class _Run:
     def __init__(self, G, S, layers, labels, n, seed, quantile, batch_size, device, k, bins, pilot_samples,
-                 pilot_pixels, tol, checkpoint_every, progress, work_dir, key):
+                 pilot_pixels, tol, checkpoint_every, progress, work_dir, key, lanes):
         self.G, self.S, self.layers, self.labels = G, S, layers, labels
         self.n, self.seed, self.q, self.bs, self.device = int(n), int(seed), float(quantile), int(batch_size), device
         self.k, self.bins, self.tol = int(k), int(bins), float(tol)
         self.n_pilot, self.pilot_pixels = min(int(pilot_samples), self.n), int(pilot_pixels)
-        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.checkpoint_every, self.progress, self.lanes = checkpoint_every, progress, int(lanes)
         self.work_dir, self.key = work_dir, key
         self.ckpt_path = os.path.join(work_dir, "checkpoint.pt")
         self.seg_path = os.path.join(work_dir, "segmentation.npy")
@@ -234,14 +242,16 @@ class _Run:
         self.units = {name: shapes[name][1] for name in self.layers}
         self.shapes = {name: shapes[name][1:] for name in self.layers}
 
-    def forward(self, i0, i1, layers=None, need_seg=True):
-        """Activations of ``layers`` for samples [i0, i1), and their labels (N,K,H,W) on device."""
+    def compute(self, i0, i1, layers=None, need_seg=True):
+        """Activations of ``layers`` for samples [i0, i1), their labels (N,K,H,W) on device, and
+        whether the labels are new (the caller stores them, in order: this may run on a lane
+        thread while the statistics of earlier samples are counted)."""
         layers = layers or self.layers
         z = self.z[i0:i1].to(self.device)
         cached = i1 <= self.segmented
         stop = None if (need_seg and not cached) else [l for l in self.order if l in layers][-1]
         with torch.no_grad():
-            with TraceDict(self.G, layers, stop_after=stop) as tr:
+            with TraceDict(self.G, layers, stop_after=stop, this_thread=True) as tr:
                 x = self.G(z)
             acts = {name: tr[name].output for name in layers}
             seg = None
@@ -251,8 +261,7 @@ class _Run:
                 else:
                     check_images(x, i1 - i0)
                     seg = segment(self.S, x)
-                    self._store_seg(i0, i1, seg)
-        return acts, seg
+        return acts, seg, need_seg and not cached
 
     def cached_seg(self, i0, i1):
         return torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
@@ -306,7 +315,7 @@ class _Run:
         main = self.batches(0, self.n)
         bar = tqdm(total=len(pilot) + len(main), desc="dissect", disable=not self.progress,
                    initial=min(self.next_batch, len(main)) if resumed and self.edges is not None else 0)
-        with SideBySide(self.device) as self.side:
+        with SideBySide(self.device, self.lanes) as self.side:
             try:
                 if pilot:
                     self.pilot_pass(pilot, bar)
@@ -318,31 +327,20 @@ class _Run:
         return self.readout()
 
     def pilot_pass(self, batches, bar):
-        values, self.cache, held = None, {}, 0
+        self.cache, self._held = {}, 0
+        values = None
         start = time.monotonic()
-        for i0, i1 in batches:
-            acts, seg = self.forward(i0, i1)
-            H, W = self.seg_grid
-            R, S = (min(round(math.sqrt(self.pilot_pixels)), n) for n in (H, W))
-            if values is None:
-                values = {name: torch.empty(self.units[name], self.n_pilot, R * S, device=self.device) for name in self.layers}
-            size = sum(a.numel() * a.element_size() for a in acts.values())
-            if held + size <= _PILOT_CACHE_BYTES:  # the main pass reuses them
-                self.cache[i0] = acts
-                held += size
-            # one random pixel in each of R x S blocks of each sample: independent pixels, spread out
-            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
-            block = torch.rand(2, i1 - i0, R, S, generator=g)
-            y = ((torch.arange(R)[:, None] + block[0]) * (H / R)).long().clamp(max=H - 1)
-            x = ((torch.arange(S)[None, :] + block[1]) * (W / S)).long().clamp(max=W - 1)
-            pixels = (y * W + x).reshape(i1 - i0, R * S).to(self.device)
-
-            def sample(name):
-                for u0, u1 in _unit_chunks(acts[name], self.seg_grid):
-                    values[name][u0:u1, i0:i1] = upsample_pixels(acts[name][:, u0:u1], self.seg_grid, pixels).transpose(0, 1)
-
-            self.side.run(sample, self.layers, [self.units[name] for name in self.layers])
-            bar.update(1)
+        with contextlib.closing(self.side.ahead(lambda batch: self.compute(*batch), batches)) as ahead:
+            for (i0, i1), (acts, seg, fresh) in zip(batches, ahead):
+                if fresh:
+                    self._store_seg(i0, i1, seg)
+                if values is None:
+                    S = self.pilot_grid()
+                    values = {name: torch.empty(self.units[name], self.n_pilot, S[0] * S[1], device=self.device)
+                              for name in self.layers}
+                self.sample_pilot(i0, i1, acts, values)
+                bar.update(1)
+        H, W = self.seg_grid
         self.edges = {}
 
         def place(name):
@@ -355,6 +353,31 @@ class _Run:
         self.next_batch = 0
         if time.monotonic() - start >= self.checkpoint_every:
             self.save_checkpoint()
+
+    def pilot_grid(self):
+        """The R x S blocks of the segmentation grid that each hold one pilot pixel per sample."""
+        return tuple(min(round(math.sqrt(self.pilot_pixels)), n) for n in self.seg_grid)
+
+    def sample_pilot(self, i0, i1, acts, values):
+        """Keep the batch's activations for the main pass (while they fit) and write its pilot
+        values: one random pixel in each block of each sample, independent pixels, spread out."""
+        size = sum(a.numel() * a.element_size() for a in acts.values())
+        if self._held + size <= _PILOT_CACHE_BYTES:  # the main pass reuses them
+            self.cache[i0] = acts
+            self._held += size
+        H, W = self.seg_grid
+        R, S = self.pilot_grid()
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
+        block = torch.rand(2, i1 - i0, R, S, generator=g)
+        y = ((torch.arange(R)[:, None] + block[0]) * (H / R)).long().clamp(max=H - 1)
+        x = ((torch.arange(S)[None, :] + block[1]) * (W / S)).long().clamp(max=W - 1)
+        pixels = (y * W + x).reshape(i1 - i0, R * S).to(self.device)
+
+        def sample(name):
+            for u0, u1 in _unit_chunks(acts[name], self.seg_grid):
+                values[name][u0:u1, i0:i1] = upsample_pixels(acts[name][:, u0:u1], self.seg_grid, pixels).transpose(0, 1)
+
+        self.side.run(sample, self.layers, [self.units[name] for name in self.layers])
 
     def cached(self, i0, i1, layers):
         """Activations of samples [i0, i1) kept by the pilot, or None."""
@@ -371,35 +394,45 @@ class _Run:
         # their memory)
         group = max(self.bs, _CHUNK_ELEMENTS // max(self.units[name] * H * W for name in self.layers))
         keep = all(self.cached(i0, i1, self.layers) is not None for i0, i1 in batches)
-        b = self.next_batch
+        steps, b = [], self.next_batch  # (b, e, kept): kept batches b..e-1 counted together, or batch b run
         while b < len(batches):
             i0, e = batches[b][0], b
-            try:
-                kept = []
-                while e < len(batches) and batches[e][1] - i0 <= group:
-                    acts = self.cached(*batches[e], self.layers)
-                    if acts is None:
-                        break
-                    kept.append(acts)
-                    if not keep:
-                        del self.cache[batches[e][0]]
-                    e += 1
-                if kept:
-                    i1 = batches[e - 1][1]
-                    acts = {name: torch.cat([a[name] for a in kept]) if len(kept) > 1 else kept[0][name] for name in self.layers}
-                    seg = self.cached_seg(i0, i1)
-                else:
-                    i1, e = batches[b][1], b + 1
-                    acts, seg = self.forward(i0, i1)
-            except BaseException:
-                self.save_checkpoint()  # statistics are whole: nothing of these batches was added
-                raise
-            self.accumulate(acts, seg, i0, i1, self.stats)
-            bar.update(e - b)
-            self.next_batch = b = e
-            if time.monotonic() - last >= self.checkpoint_every and b < len(batches):
-                self.save_checkpoint()
-                last = time.monotonic()
+            while e < len(batches) and batches[e][1] - i0 <= group and self.cached(*batches[e], self.layers) is not None:
+                e += 1
+            steps.append((b, e, True) if e > b else (b, b + 1, False))
+            b = steps[-1][1]
+
+        def run(step):  # on a lane, ahead of the statistics
+            return None if step[2] else self.compute(*batches[step[0]])
+
+        with contextlib.closing(self.side.ahead(run, steps)) as ahead:
+            for b, e, kept in steps:
+                i0, i1 = batches[b][0], batches[e - 1][1]
+                try:
+                    out = next(ahead)
+                    if kept:
+                        parts = [self.cached(*batches[j], self.layers) for j in range(b, e)]
+                        if not keep:
+                            for j in range(b, e):
+                                del self.cache[batches[j][0]]
+                        acts = {name: torch.cat([a[name] for a in parts]) if len(parts) > 1 else parts[0][name]
+                                for name in self.layers}
+                        del parts
+                        seg = self.cached_seg(i0, i1)
+                    else:
+                        acts, seg, fresh = out
+                        if fresh:
+                            self._store_seg(i0, i1, seg)
+                except BaseException:
+                    self.save_checkpoint()  # statistics are whole: nothing of these batches was added
+                    raise
+                self.accumulate(acts, seg, i0, i1, self.stats)
+                del acts, out
+                bar.update(e - b)
+                self.next_batch = e
+                if time.monotonic() - last >= self.checkpoint_every and e < len(batches):
+                    self.save_checkpoint()
+                    last = time.monotonic()
 
     def accumulate(self, acts, seg, i0, i1, stats, moments=True):
         seg = dedupe_channels(seg, self.C)
@@ -453,10 +486,15 @@ class _Run:
                 s.hist = TailHistogram(edges, self.C)
                 fresh[name] = s
             names = list(redo)
-            for i0, i1 in self.batches(0, self.n):
-                acts = self.cached(i0, i1, names)
-                acts, seg = (acts, self.cached_seg(i0, i1)) if acts is not None else self.forward(i0, i1, layers=names)
-                self.accumulate(acts, seg, i0, i1, fresh, moments=False)
+            batches = self.batches(0, self.n)
+
+            def replay(batch):  # on a lane: generator only, the segmentations are cached
+                return None if self.cached(*batch, names) is not None else self.compute(*batch, layers=names)
+
+            with contextlib.closing(self.side.ahead(replay, batches)) as ahead:
+                for (i0, i1), out in zip(batches, ahead):
+                    acts, seg = (self.cached(i0, i1, names), self.cached_seg(i0, i1)) if out is None else out[:2]
+                    self.accumulate(acts, seg, i0, i1, fresh, moments=False)
             for name in names:
                 self.stats[name].hist = fresh[name].hist
 

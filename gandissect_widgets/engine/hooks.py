@@ -21,6 +21,7 @@ All hooks are ``register_forward_hook`` handles removed on exit, whatever happen
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -68,17 +69,22 @@ class Trace(contextlib.AbstractContextManager):
     clone:         copy the retained tensor (needed if later layers modify it in place).
     edit_output:   ``fn(output) -> new_output``, applied after retaining.
     stop:          raise ``StopForward`` after this layer so the rest of the model is skipped.
+    this_thread:   act only on forward passes run by the thread that made the trace (others pass
+                   through untouched), so that threads can trace the same model at once.
     """
 
     def __init__(self, model: nn.Module, layer: str, retain_output: bool = True,
                  detach: bool = True, clone: bool = False,
                  edit_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 stop: bool = False):
+                 stop: bool = False, this_thread: bool = False):
         module = resolve_layers(model, [layer])[layer]
         self.layer = layer
         self.output = None
+        owner = threading.get_ident() if this_thread else None
 
         def hook(mod, inputs, output):
+            if owner is not None and threading.get_ident() != owner:
+                return output
             if retain_output:
                 kept = output
                 if detach and torch.is_tensor(kept):
@@ -115,7 +121,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
     def __init__(self, model: nn.Module, layers: Sequence[str], retain_output: bool = True,
                  detach: bool = True, clone: bool = False,
                  edit_output: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
-                 stop_after: str | None = None):
+                 stop_after: str | None = None, this_thread: bool = False):
         super().__init__()
         resolve_layers(model, layers)  # one clear error for any unknown name
         if stop_after is not None and stop_after not in layers:
@@ -125,7 +131,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
             if edit_output is not None:
                 fn = (lambda out, _n=name: edit_output(out, _n))
             self[name] = Trace(model, name, retain_output=retain_output, detach=detach,
-                               clone=clone, edit_output=fn, stop=(name == stop_after))
+                               clone=clone, edit_output=fn, stop=(name == stop_after), this_thread=this_thread)
 
     def close(self):
         for tr in self.values():
