@@ -1,4 +1,5 @@
 """Hooks: retain, edit, stop, partial forward; hooks always removed."""
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 import gandissect_widgets as gw
-from gandissect_widgets.engine.hooks import StopForward, compose_edits, run_from
+from gandissect_widgets.engine.hooks import StopForward, ThreadTraces, compose_edits, run_from
 from gandissect_widgets.engine.upsample import pool_mask
 from tiny import TinyGenerator
 
@@ -29,22 +30,32 @@ def test_trace_retains_and_stops():
     assert full.shape == (3, 3, 16, 16)
 
 
-def test_this_thread_traces_only_its_own_thread():
+def test_thread_traces_keep_each_threads_outputs_apart():
     G = TinyGenerator()
-    z = G.sample_z(3, 0)
+    za, zb = G.sample_z(3, 0), G.sample_z(2, 1)
     with torch.no_grad():
-        plain = G(z)
-        with gw.TraceDict(G, ["layer2"], edit_output=lambda out, name: out * 0, this_thread=True) as tr:
-            with ThreadPoolExecutor(1) as pool:
-                other = pool.submit(G, z).result()  # another thread's forward passes through untouched
-            assert tr["layer2"].output is None
-            assert torch.equal(other, plain)
-            mine = G(z)
-        assert tr["layer2"].output.shape == (3, 5, 8, 8)
-        assert not torch.equal(mine, plain)
-        with gw.Trace(G, "layer2", edit_output=lambda out: out * 0):  # by default, every thread's
-            with ThreadPoolExecutor(1) as pool:
-                assert torch.equal(pool.submit(G, z).result(), mine)
+        with gw.TraceDict(G, ["layer1", "layer2"]) as ta:
+            full_a = G(za)
+        with gw.TraceDict(G, ["layer1", "layer2"]) as tb:
+            G(zb)
+        meet = threading.Barrier(2, timeout=30)
+        # both forward passes wait for each other inside layer1: they are in the model at once
+        gate = G.layer1.register_forward_hook(lambda mod, inputs, out: (meet.wait(), None)[1])
+        try:
+            with ThreadTraces(G, ["layer1", "layer2"]) as traces:
+                hooks = n_hooks(G)
+                with ThreadPoolExecutor(2) as pool:
+                    fa = pool.submit(traces.run, lambda: G(za), ["layer1", "layer2"], "layer2")  # stops after layer2
+                    fb = pool.submit(traces.run, lambda: G(zb), ["layer2"])
+                    (xa, outs_a), (xb, outs_b) = fa.result(), fb.result()
+                assert n_hooks(G) == hooks  # nothing added or removed while they ran
+                meet = threading.Barrier(1)
+                assert torch.equal(G(za), full_a)  # a forward outside run() is not traced or cut short
+        finally:
+            gate.remove()
+    assert xa is None and xb.shape == (2, 3, 16, 16)
+    assert torch.equal(outs_a["layer1"], ta["layer1"].output) and torch.equal(outs_a["layer2"], ta["layer2"].output)
+    assert list(outs_b) == ["layer2"] and torch.equal(outs_b["layer2"], tb["layer2"].output)
     assert n_hooks(G) == 0
 
 

@@ -181,15 +181,18 @@ def test_side_by_side_runs_everything_once_and_restores_threads():
 
 def test_ahead_yields_in_order_with_lanes_working_ahead():
     import threading
-    import time
     before = torch.get_num_threads()
     lock, busy, most, where = threading.Lock(), [0], [0], {}
+    second = threading.Event()
 
     def work(item):
         with lock:
             busy[0] += 1
             most[0] = max(most[0], busy[0])
-        time.sleep(0.02)
+        if item == 1:
+            second.set()
+        if item == 0:  # item 0 ends only once item 1 has started: both lanes work at once
+            assert second.wait(30)
         where[item] = (threading.get_ident(), torch.get_num_threads())
         with lock:
             busy[0] -= 1
@@ -203,16 +206,25 @@ def test_ahead_yields_in_order_with_lanes_working_ahead():
         with pytest.raises(RuntimeError, match="boom at 5"):
             for out in side.ahead(work, range(9)):
                 got.append(out)
-                time.sleep(0.03)  # the caller's own work: the lanes go on meanwhile
         assert got == [i * i for i in range(5)]   # in order, up to the failing item
-        assert busy[0] == 0 and most[0] == 2       # both lanes worked at once; none is left working
-        assert set(where) <= set(range(8)) and {n for _, n in where.values()} == {1}
+        assert busy[0] == 0 and most[0] == 2       # two at once, never more; none is left working
+        assert set(where) <= set(range(7)) and {n for _, n in where.values()} == {1}
         assert threading.get_ident() not in {t for t, _ in where.values()}
         assert torch.get_num_threads() == before
         stream = side.ahead(work, range(20, 30))
         assert next(stream) == 400
         stream.close()                             # stopping early waits for the work in flight
         assert busy[0] == 0 and len([i for i in where if i >= 20]) <= 3
+
+        def nested(item):  # a lane's work that asks for more runs it in its own thread, no deadlock
+            inner = []
+            side.run(lambda i: inner.append(threading.get_ident()), [1, 2, 3])
+            return set(inner) == {threading.get_ident()} and list(side.ahead(lambda i: -i, [1, 2])) == [-1, -2]
+
+        runner = threading.Thread(target=lambda: got.append(list(side.ahead(nested, range(4)))), daemon=True)
+        runner.start()
+        runner.join(60)
+        assert not runner.is_alive() and got[-1] == [True] * 4
         side.lanes = 1                             # one lane: in the caller's thread, one at a time
         where.clear()
         assert list(side.ahead(work, [1, 2])) == [1, 4]
@@ -224,7 +236,7 @@ def test_dissection_does_not_depend_on_threads():
     before = torch.get_num_threads()
     results = []
     try:
-        for threads, lanes in ((1, 1), (2, 1), (2, 2), (2, 3)):
+        for threads, lanes in ((1, 1), (2, 1), (2, 2), (3, 3)):
             torch.set_num_threads(threads)  # the main pass runs forward passes (pilot of 40 < 96 samples)
             results.append(gw.dissect(G, S, ["layer1", "layer2", "layer3"], n_samples=96, seed=4, batch_size=16,
                                       progress=False, pilot_samples=40, lanes=lanes))

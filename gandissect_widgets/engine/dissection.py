@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gandissect_widgets.engine.hooks import TraceDict, resolve_layers
+from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
 from gandissect_widgets.engine.io import atomic_torch_save, cache_key
 from gandissect_widgets.engine.protocols import (ProtocolError, check_generator, check_images,
                                                  check_segmenter, fingerprint, model_device,
@@ -76,7 +76,8 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     in its own thread with its share of the cores, ahead of the statistics (on 2 cores, two
     forward passes on one core each run faster than one on both); each lane holds a batch's
     memory, so ``lanes=1`` uses the least.  The models must not keep state between calls.
-    Results do not depend on it.  Off the CPU batches run in turn.
+    Statistics are counted in the same order whatever it is (results are bit for bit the same on
+    the test models and SceneWorld).  Off the CPU batches run in turn.
     """
     layers = _check_args(generator, segmenter, layers, n_samples, seed, quantile, batch_size, topk, bins,
                          pilot_samples, pilot_pixels, lanes)
@@ -251,9 +252,7 @@ class _Run:
         cached = i1 <= self.segmented
         stop = None if (need_seg and not cached) else [l for l in self.order if l in layers][-1]
         with torch.no_grad():
-            with TraceDict(self.G, layers, stop_after=stop, this_thread=True) as tr:
-                x = self.G(z)
-            acts = {name: tr[name].output for name in layers}
+            x, acts = self.traces.run(lambda: self.G(z), layers, stop_after=stop)
             seg = None
             if need_seg:
                 if cached:
@@ -315,7 +314,7 @@ class _Run:
         main = self.batches(0, self.n)
         bar = tqdm(total=len(pilot) + len(main), desc="dissect", disable=not self.progress,
                    initial=min(self.next_batch, len(main)) if resumed and self.edges is not None else 0)
-        with SideBySide(self.device, self.lanes) as self.side:
+        with SideBySide(self.device, self.lanes) as self.side, ThreadTraces(self.G, self.layers) as self.traces:
             try:
                 if pilot:
                     self.pilot_pass(pilot, bar)
@@ -427,7 +426,7 @@ class _Run:
                     self.save_checkpoint()  # statistics are whole: nothing of these batches was added
                     raise
                 self.accumulate(acts, seg, i0, i1, self.stats)
-                del acts, out
+                del acts, seg, out
                 bar.update(e - b)
                 self.next_batch = e
                 if time.monotonic() - last >= self.checkpoint_every and e < len(batches):

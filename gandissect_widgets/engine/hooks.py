@@ -2,6 +2,8 @@
 
 - ``Trace(model, "layer4")``: context manager that retains (and optionally edits) one layer's output.
 - ``TraceDict(model, ["layer3", "layer4"])``: the same for several layers at once.
+- ``ThreadTraces(model, layers)``: retains layer outputs of forward passes run from several
+  threads at once, each thread's apart.
 - ``StopForward``: raised by a trace with ``stop=True`` to end the forward at that layer.
 - ``Edit``: ``r' = r*(1-a) + k*a`` on a unit set, optionally inside a mask at the layer's grid.
 - ``edit_layers(model, edits)``: applies a list of edits for the duration of a ``with`` block.
@@ -28,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Trace", "TraceDict", "StopForward", "Edit", "compose_edits", "edit_layers",
+__all__ = ["Trace", "TraceDict", "ThreadTraces", "StopForward", "Edit", "compose_edits", "edit_layers",
            "run_from", "resolve_layers", "layer_names", "UnknownLayerError"]
 
 
@@ -69,22 +71,17 @@ class Trace(contextlib.AbstractContextManager):
     clone:         copy the retained tensor (needed if later layers modify it in place).
     edit_output:   ``fn(output) -> new_output``, applied after retaining.
     stop:          raise ``StopForward`` after this layer so the rest of the model is skipped.
-    this_thread:   act only on forward passes run by the thread that made the trace (others pass
-                   through untouched), so that threads can trace the same model at once.
     """
 
     def __init__(self, model: nn.Module, layer: str, retain_output: bool = True,
                  detach: bool = True, clone: bool = False,
                  edit_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 stop: bool = False, this_thread: bool = False):
+                 stop: bool = False):
         module = resolve_layers(model, [layer])[layer]
         self.layer = layer
         self.output = None
-        owner = threading.get_ident() if this_thread else None
 
         def hook(mod, inputs, output):
-            if owner is not None and threading.get_ident() != owner:
-                return output
             if retain_output:
                 kept = output
                 if detach and torch.is_tensor(kept):
@@ -121,7 +118,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
     def __init__(self, model: nn.Module, layers: Sequence[str], retain_output: bool = True,
                  detach: bool = True, clone: bool = False,
                  edit_output: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
-                 stop_after: str | None = None, this_thread: bool = False):
+                 stop_after: str | None = None):
         super().__init__()
         resolve_layers(model, layers)  # one clear error for any unknown name
         if stop_after is not None and stop_after not in layers:
@@ -131,7 +128,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
             if edit_output is not None:
                 fn = (lambda out, _n=name: edit_output(out, _n))
             self[name] = Trace(model, name, retain_output=retain_output, detach=detach,
-                               clone=clone, edit_output=fn, stop=(name == stop_after), this_thread=this_thread)
+                               clone=clone, edit_output=fn, stop=(name == stop_after))
 
     def close(self):
         for tr in self.values():
@@ -140,6 +137,63 @@ class TraceDict(dict, contextlib.AbstractContextManager):
     def __exit__(self, exc_type, exc, tb):
         self.close()
         return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class ThreadTraces(contextlib.AbstractContextManager):
+    """Retains the outputs of ``layers`` in forward passes that several threads run at once.
+
+    Torch does not guard a module's hook table: registering or removing a hook while another
+    thread runs the model can lose a hook or break that forward, so the hooks are registered
+    once, here, and each thread's ``run`` keeps its own outputs (``threading.local``).
+
+        with ThreadTraces(G, ["layer3", "layer4"]) as traces:
+            x, outs = traces.run(lambda: G(z), ["layer4"], stop_after="layer4")  # from any thread
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        modules = resolve_layers(model, layers)
+        self._local = threading.local()
+        self._handles = []
+        try:
+            for name, module in modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _hook(self, name):
+        def hook(mod, inputs, output):
+            state = getattr(self._local, "state", None)
+            if state is None or name not in state[0]:
+                return output
+            kept, stop = state
+            kept[name] = output.detach() if torch.is_tensor(output) else output
+            if name == stop:
+                raise StopForward()
+            return output
+        return hook
+
+    def run(self, forward: Callable[[], object], layers: Sequence[str], stop_after: str | None = None):
+        """``(forward(), {layer: output})`` for this thread's call of ``forward``; the result is
+        None if it stopped after ``stop_after``.  Outputs of layers that did not run are None."""
+        kept = dict.fromkeys(layers)
+        self._local.state = (kept, stop_after)
+        try:
+            out = forward()
+        except StopForward:
+            out = None
+        finally:
+            self._local.state = None
+        return out, kept
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
 
 
 @dataclass

@@ -47,22 +47,32 @@ class SideBySide(contextlib.AbstractContextManager):
         self.cores = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
         self.lanes = max(1, min(int(lanes), self.cores))
         self._pool = self._lane_pool = None
+        self._lane_idents = set()
+        self._lane_idents = set()
+
+    def _inline(self):
+        """Whether work must run in the calling thread: a lane's own work that asks for more
+        (it would wait in the queue behind itself)."""
+        return threading.get_ident() in self._lane_idents
 
     @property
     def _lane_threads(self):
         return max(1, self.cores // self.lanes)
 
     def run(self, work, items, weights=None):
+        """``work(item)`` for every item, in groups of about equal ``weights``, one per thread."""
         items = list(items)
         weights = list(weights) if weights is not None else [1.0] * len(items)
         groups = _balanced(items, weights, min(self.cores, len(items))) if items else []
-        if len(groups) <= 1:
+        if len(groups) <= 1 or self._inline():
             for item in items:
                 work(item)
             return
         per = max(1, self.cores // len(groups))
         if self._lane_pool is not None and len(groups) <= self.lanes and per == self._lane_threads:
-            pool = self._lane_pool  # the lanes' threads will do: fewer threads, fewer malloc arenas
+            # the lanes' threads will do: fewer threads, fewer glibc arenas (these groups queue
+            # behind the forward passes already given to the lanes, which keeps the cores busy)
+            pool = self._lane_pool
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.cores, thread_name_prefix="gandissect-layer")
@@ -85,7 +95,7 @@ class SideBySide(contextlib.AbstractContextManager):
         two cores.  An exception in ``work`` is raised where its item is yielded; work already
         started is waited for when the caller stops early."""
         items = list(items)
-        if self.lanes <= 1 or len(items) <= 1:
+        if self.lanes <= 1 or len(items) <= 1 or self._inline():
             for item in items:
                 yield work(item)
             return
@@ -97,11 +107,13 @@ class SideBySide(contextlib.AbstractContextManager):
                 if len(pending) == self.lanes:
                     break
             while pending:
-                done = pending.popleft().result()
+                done = pending[0].result()  # still pending while waited for: an interrupt waits for it too
+                pending.popleft()
                 for item in rest:
                     pending.append(pool.submit(work, item))
                     break
                 yield done
+                del done  # the caller is done with it: not held while the next one is waited for
         finally:
             for f in pending:
                 f.cancel()
@@ -114,7 +126,13 @@ class SideBySide(contextlib.AbstractContextManager):
             torch.set_num_threads(self._lane_threads)
             try:  # every lane thread takes its intra-op thread count now (its first get_num_threads), and keeps it
                 barrier = threading.Barrier(self.lanes)
-                wait([self._lane_pool.submit(lambda: (barrier.wait(), torch.get_num_threads())) for _ in range(self.lanes)])
+
+                def warm():
+                    barrier.wait()  # one task per thread
+                    self._lane_idents.add(threading.get_ident())
+                    return torch.get_num_threads()
+
+                wait([self._lane_pool.submit(warm) for _ in range(self.lanes)])
             finally:
                 torch.set_num_threads(before)
         return self._lane_pool
@@ -124,6 +142,7 @@ class SideBySide(contextlib.AbstractContextManager):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._pool = self._lane_pool = None
+        self._lane_idents = set()
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
