@@ -136,6 +136,7 @@ def child(a):
             out["forward"].append(forward_only(G, S, a.samples, a.batch_size, a.device))
             out["lanes"].append(forward_lanes(G, S, a.samples, a.batch_size, a.device, a.lanes))
             out["dissect"].append(run_dissect(G, S, a, a.samples))
+        out["lanes_used"] = SideBySide(a.device, a.lanes).lanes
     else:
         with AnonPeak() as anon:
             out["seconds"] = run_dissect(G, S, a, a.samples)
@@ -189,7 +190,7 @@ def main():
     print(f"ratio (b)/(a): {tb / ta:.2f}  (target <= 1.3; per round: median {statistics.median(ratios):.2f}, "
           f"{ratios[0]:.2f} to {ratios[-1]:.2f})")
     tl = statistics.median(t["lanes"])
-    print(f"for reference, (a) in {a.lanes} lanes as dissect() runs it: {tl:.2f} s; (b) / that: {tb / tl:.2f} "
+    print(f"for reference, (a) in {t['lanes_used']} lane(s) as dissect() runs it: {tl:.2f} s; (b) / that: {tb / tl:.2f} "
           "(the statistics' own share)")
     fa = spawn(a, "forward", a.samples)
     fb = spawn(a, "dissect", a.samples)

@@ -199,6 +199,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     rc = main(["dissect", "--generator", "planted", "--segmenter", "planted", "--layers", "layer1",
                "--samples", "0", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2 and "n_samples must be" in capsys.readouterr().err
+    rc = main(["dissect", "--generator", "planted", "--segmenter", "planted", "--layers", "layer1",
+               "--samples", "10", "--lanes", "0", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2 and "lanes must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_registry_errors():
