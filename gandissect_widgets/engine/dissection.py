@@ -333,9 +333,9 @@ class _Run:
             for (i0, i1), (acts, seg, fresh) in zip(batches, ahead):
                 if fresh:
                     self._store_seg(i0, i1, seg)
-                if values is None:
-                    S = self.pilot_grid()
-                    values = {name: torch.empty(self.units[name], self.n_pilot, S[0] * S[1], device=self.device)
+                if values is None:  # the segmentation grid is known from the first batch on
+                    R, S = self.pilot_grid()
+                    values = {name: torch.empty(self.units[name], self.n_pilot, R * S, device=self.device)
                               for name in self.layers}
                 self.sample_pilot(i0, i1, acts, values)
                 bar.update(1)
@@ -487,12 +487,12 @@ class _Run:
             names = list(redo)
             batches = self.batches(0, self.n)
 
-            def replay(batch):  # on a lane: generator only, the segmentations are cached
-                return None if self.cached(*batch, names) is not None else self.compute(*batch, layers=names)
+            def replay(batch):  # on a lane: kept activations, or the generator only (segmentations are cached)
+                acts = self.cached(*batch, names)
+                return (acts, self.cached_seg(*batch)) if acts is not None else self.compute(*batch, layers=names)[:2]
 
             with contextlib.closing(self.side.ahead(replay, batches)) as ahead:
-                for (i0, i1), out in zip(batches, ahead):
-                    acts, seg = (self.cached(i0, i1, names), self.cached_seg(i0, i1)) if out is None else out[:2]
+                for (i0, i1), (acts, seg) in zip(batches, ahead):
                     self.accumulate(acts, seg, i0, i1, fresh, moments=False)
             for name in names:
                 self.stats[name].hist = fresh[name].hist

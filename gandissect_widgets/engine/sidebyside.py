@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -47,7 +48,6 @@ class SideBySide(contextlib.AbstractContextManager):
         self.cores = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
         self.lanes = max(1, min(int(lanes), self.cores))
         self._pool = self._lane_pool = None
-        self._lane_idents = set()
         self._lane_idents = set()
 
     def _inline(self):
@@ -102,16 +102,11 @@ class SideBySide(contextlib.AbstractContextManager):
         pool = self._lanes()
         pending, rest = collections.deque(), iter(items)
         try:
-            for item in rest:
-                pending.append(pool.submit(work, item))
-                if len(pending) == self.lanes:
-                    break
+            pending.extend(pool.submit(work, item) for item in itertools.islice(rest, self.lanes))
             while pending:
                 done = pending[0].result()  # still pending while waited for: an interrupt waits for it too
                 pending.popleft()
-                for item in rest:
-                    pending.append(pool.submit(work, item))
-                    break
+                pending.extend(pool.submit(work, item) for item in itertools.islice(rest, 1))
                 yield done
                 del done  # the caller is done with it: not held while the next one is waited for
         finally:
