@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from gandissect_widgets.engine.hooks import can_run_from, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, Intervention, concept_index,
                                                      concept_presence, layer_activation, render)
+from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents
 
 __all__ = ["AceResult", "measure_ace", "unit_ace", "removal_curve", "bootstrap_ci", "check_units"]
@@ -111,40 +112,52 @@ def measure_ace(G, S, layer: str, units, concept, n_samples: int = 200, seed: in
 
 
 def unit_ace(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batch_size: int = 16,
-             values=None, insertion: InsertionValues | None = None, progress: bool = True) -> np.ndarray:
-    """(U,) single-unit ACE of every unit of ``layer`` on ``concept`` (insert it alone minus ablate it alone)."""
+             values=None, insertion: InsertionValues | None = None, progress=True, units=None) -> np.ndarray:
+    """(U,) single-unit ACE of the units of ``layer`` on ``concept`` (insert it alone minus ablate
+    it alone): every unit, or those in ``units`` (the others are NaN).  ``progress``: see
+    ``engine.progress`` (a step per group of units and batch of samples)."""
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
     dev = model_device(G)
     z = sample_latents(G, n_samples, seed)
     U = layer_activation(G, z[:1].to(dev), layer).shape[1]
+    todo = list(range(U)) if units is None else check_units(units, U).tolist()
     if values is None:
         values = (insertion or InsertionValues(G, S))(layer, c)
     values = torch.as_tensor(values, dtype=torch.float32).to(dev)
-    diff = np.zeros(U)
+    diff = np.full(U, np.nan)
+    diff[todo] = 0
     per = max(1, 64 // batch_size)  # units rendered together, one batch of latents each
-    for i in tqdm(range(0, n_samples, batch_size), disable=not progress, desc=f"unit ACE {layer}"):
-        zb = z[i:i + batch_size].to(dev)
-        r = layer_activation(G, zb, layer)
-        B = r.shape[0]
-        for u0 in range(0, U, per):
-            us = list(range(u0, min(U, u0 + per)))
-            if not can_run_from(G, layer):  # no partial forward: one unit at a time, edits hooked in
-                for u in us:
-                    pin = concept_presence(S, render(G, zb, [Intervention(layer, [u], "insert", values[u:u + 1])]), c)
-                    pab = concept_presence(S, render(G, zb, [Intervention(layer, [u], "ablate")]), c)
-                    diff[u] += float((pin - pab).sum())
-                continue
-            rep = r.repeat(len(us), 1, 1, 1)
-            ins, abl = rep.clone(), rep.clone()
-            for j, u in enumerate(us):  # r' = r*(1-a) + k*a with a = 1 on unit u alone
-                ins[j * B:(j + 1) * B, u] = values[u]
-                abl[j * B:(j + 1) * B, u] = 0
-            pin = concept_presence(S, render(G, None, [], activation=ins, layer=layer), c)
-            pab = concept_presence(S, render(G, None, [], activation=abl, layer=layer), c)
-            d = (pin - pab).view(len(us), B).sum(1).cpu().numpy()
-            diff[us] += d
+    batches = range(0, n_samples, batch_size)
+    groups = [todo[j:j + per] for j in range(0, len(todo), per)]
+    with Steps(progress, len(batches) * len(groups), f"unit ACE {layer}") as steps:
+        for i in batches:
+            zb = z[i:i + batch_size].to(dev)
+            r = layer_activation(G, zb, layer)
+            for us in groups:
+                _unit_group_ace(G, S, layer, c, zb, r, us, values, diff)
+                steps.update()
     return diff / n_samples
+
+
+def _unit_group_ace(G, S, layer, c, zb, r, us, values, diff):
+    """Add to ``diff[u]`` the summed presence difference, insert minus ablate, of each unit of
+    ``us`` alone, over the samples ``zb`` (layer output ``r``), in one partial forward per side."""
+    B = r.shape[0]
+    if not can_run_from(G, layer):  # no partial forward: one unit at a time, edits hooked in
+        for u in us:
+            pin = concept_presence(S, render(G, zb, [Intervention(layer, [u], "insert", values[u:u + 1])]), c)
+            pab = concept_presence(S, render(G, zb, [Intervention(layer, [u], "ablate")]), c)
+            diff[u] += float((pin - pab).sum())
+        return
+    rep = r.repeat(len(us), 1, 1, 1)
+    ins, abl = rep.clone(), rep.clone()
+    for j, u in enumerate(us):  # r' = r*(1-a) + k*a with a = 1 on unit u alone
+        ins[j * B:(j + 1) * B, u] = values[u]
+        abl[j * B:(j + 1) * B, u] = 0
+    pin = concept_presence(S, render(G, None, [], activation=ins, layer=layer), c)
+    pab = concept_presence(S, render(G, None, [], activation=abl, layer=layer), c)
+    diff[us] += (pin - pab).view(len(us), B).sum(1).cpu().numpy()
 
 
 def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20, 50), n_samples: int = 100,

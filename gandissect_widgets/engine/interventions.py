@@ -20,6 +20,7 @@ import torch
 
 from gandissect_widgets.engine.hooks import (Edit, TraceDict, can_run_from, edit_layers, resolve_layers,
                                              run_from)
+from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents, segment
 from gandissect_widgets.engine.upsample import pool_mask
 
@@ -161,12 +162,15 @@ def concept_presence(S, images, concept: int, soft: bool = False) -> torch.Tenso
 
 @dataclass
 class InsertionValues:
-    """Per-unit insertion constants, computed once per (generator, segmenter, layer, concept, settings).
+    """Per-unit insertion constants, computed once per (generator, segmenter, layer, settings).
 
     ``mode="mean"`` (default): the mean of each unit's activation where the concept is present,
     at the layer's grid, each cell weighted by the fraction of its pixels segmented as the concept
-    (the original aceoptimize's "weighted mean present feature"; upsampling instead would blur it).  ``mode="quantile"``: the ``q`` quantile of the unit's activations over all
-    positions of the samples (raw layer grid).
+    (the original aceoptimize's "weighted mean present feature"; upsampling instead would blur it).
+    One pass over the samples gives the values of every concept, for every layer asked at once
+    (``prepare``): the first insertion of a concept costs nothing after that of another.
+    ``mode="quantile"``: the ``q`` quantile of the unit's activations over all positions of the
+    samples (raw layer grid; the same for every concept).
     """
 
     G: object
@@ -184,42 +188,85 @@ class InsertionValues:
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
 
-    def key(self, layer, concept):
+    def key(self, layer):
         # G and S are fixed for this instance: hashing their weights here would cost every re-render
-        return (layer, concept, self.n_samples, self.seed, self.mode, self.q)
+        return (layer, self.n_samples, self.seed, self.mode, self.q)
 
-    def __call__(self, layer: str, concept) -> torch.Tensor:
+    def cached(self, layer: str) -> bool:
+        """Whether ``layer``'s values are at hand (a call then returns at once)."""
+        return self.key(layer) in self._cache
+
+    def __call__(self, layer: str, concept, progress=False) -> torch.Tensor:
         """(C,) insertion value of every unit of ``layer`` for ``concept``."""
         c = concept_index(self.S.labels, concept)
-        resolve_layers(self.G, [layer])
-        key = self.key(layer, c if self.mode == "mean" else None)
-        if key not in self._cache:
-            self._cache[key] = self._compute(layer, c)
-        return self._cache[key]
-
-    def _compute(self, layer, c):
-        dev = model_device(self.G)
-        z = sample_latents(self.G, self.n_samples, self.seed)
-        total, weight, values = None, 0.0, []
-        with torch.no_grad():
-            for i in range(0, self.n_samples, self.batch_size):
-                zb = z[i:i + self.batch_size].to(dev)
-                with TraceDict(self.G, [layer]) as tr:
-                    x = self.G(zb)
-                r = tr[layer].output.float()
-                if self.mode == "quantile":
-                    values.append(r.transpose(0, 1).reshape(r.shape[1], -1).cpu())
-                    continue
-                present = (segment(self.S, x) == c).any(1).float()[:, None]  # (N,1,H,W)
-                w = torch.nn.functional.adaptive_avg_pool2d(present, r.shape[-2:])  # fraction per cell
-                s = (r * w).sum((0, 2, 3))
-                total = s if total is None else total + s
-                weight += float(w.sum())
+        self.prepare([layer], progress)
+        table = self._cache[self.key(layer)]
         if self.mode == "quantile":
-            allv = torch.cat(values, 1)
-            return torch.quantile(allv, self.q, dim=1) if allv.shape[1] <= 16_000_000 else \
-                torch.sort(allv, 1).values[:, int(self.q * (allv.shape[1] - 1))]
-        if weight == 0:
+            return table
+        if not table["weight"][c] > 0:
             raise ValueError(f"concept {self.S.labels[c]!r} never appears in {self.n_samples} samples (seed "
                              f"{self.seed}); its mean activation is undefined: use mode='quantile' or more samples")
-        return (total / weight).cpu()
+        if c not in table["values"]:  # one tensor per concept, so repeated calls return the same object
+            table["values"][c] = table["total"][c] / table["weight"][c]
+        return table["values"][c]
+
+    def prepare(self, layers, progress=False):
+        """Compute the values of every concept for the ``layers`` not cached yet, in one pass.
+        ``progress``: see ``engine.progress`` (a callback may cancel; nothing partial is kept)."""
+        layers = [l for l in dict.fromkeys(layers) if not self.cached(l)]
+        if not layers:
+            return
+        resolve_layers(self.G, layers)
+        for layer, table in self._compute(layers, progress).items():
+            self._cache[self.key(layer)] = table
+
+    def _compute(self, layers, progress):
+        dev = model_device(self.G)
+        z = sample_latents(self.G, self.n_samples, self.seed)
+        K = len(self.S.labels)
+        acc = {l: [] for l in layers}  # mean: [(K,C) sums, (K,) weights]; quantile: activations
+        batches = range(0, self.n_samples, self.batch_size)
+        with torch.no_grad(), Steps(progress, len(batches), f"insertion values of {', '.join(layers)}") as steps:
+            for i in batches:
+                zb = z[i:i + self.batch_size].to(dev)
+                with TraceDict(self.G, layers) as tr:
+                    x = self.G(zb)
+                seg = None if self.mode == "quantile" else segment(self.S, x)
+                for l in layers:
+                    r = tr[l].output.float()
+                    if seg is None:
+                        acc[l].append(r.transpose(0, 1).reshape(r.shape[1], -1).cpu())
+                        continue
+                    part = _presence_weighted_sums(r, seg, K)
+                    acc[l] = part if not acc[l] else [a + b for a, b in zip(acc[l], part)]
+                steps.update()
+        if self.mode == "mean":
+            return {l: {"total": acc[l][0].cpu(), "weight": acc[l][1].cpu(), "values": {}} for l in layers}
+        out = {}
+        for l in layers:
+            allv = torch.cat(acc[l], 1)
+            out[l] = torch.quantile(allv, self.q, dim=1) if allv.shape[1] <= 16_000_000 else \
+                torch.sort(allv, 1).values[:, int(self.q * (allv.shape[1] - 1))]
+        return out
+
+
+def _label_chunks(seg, K, pixels_per_chunk=1 << 24):
+    """(first label, one-hot (N,k,H,W) float of labels first..first+k) over all label channels,
+    in chunks of labels small enough to keep memory bounded for large label sets."""
+    N, _, H, W = seg.shape
+    step = max(1, pixels_per_chunk // max(1, N * H * W))
+    for k0 in range(0, K, step):
+        ks = torch.arange(k0, min(K, k0 + step), device=seg.device)
+        yield k0, (seg[:, :, None] == ks[None, None, :, None, None]).any(1).float()
+
+
+def _presence_weighted_sums(r, seg, K):
+    """[(K,C) sums over samples and cells of r * w_k, (K,) sums of w_k], where w_k is the fraction
+    of each cell of the layer's grid that the segmentation marks as label k."""
+    sums = torch.zeros(K, r.shape[1], dtype=r.dtype, device=r.device)
+    weights = torch.zeros(K, dtype=r.dtype, device=r.device)
+    for k0, onehot in _label_chunks(seg, K):
+        w = torch.nn.functional.adaptive_avg_pool2d(onehot, r.shape[-2:])  # (N,k,h,w)
+        sums[k0:k0 + w.shape[1]] = torch.einsum("nchw,nkhw->kc", r, w)
+        weights[k0:k0 + w.shape[1]] = w.sum((0, 2, 3))
+    return [sums, weights]

@@ -65,7 +65,8 @@ class Session:
     """
 
     def __init__(self, generator=None, segmenter=None, device=None, dissection: Dissection | None = None,
-                 layer: str | None = None, concept: str | None = None, seed: int = 0, samples=range(8)):
+                 layer: str | None = None, concept: str | None = None, seed: int = 0, samples=range(8),
+                 insertion_samples: int = 64):
         from gandissect_widgets.registry import load_generator, load_segmenter
         if device is None:
             device = model_device(generator) if isinstance(generator, torch.nn.Module) else \
@@ -84,7 +85,7 @@ class Session:
         self._observers: list[tuple[Callable, set | None]] = []
         self._z: dict[int, torch.Tensor] = {}
         self._acts: OrderedDict = OrderedDict()
-        self._insertion = InsertionValues(self.generator, self.segmenter)
+        self._insertion = InsertionValues(self.generator, self.segmenter, n_samples=insertion_samples)
         self.layer = layer
         self.concept = concept
         self.unit = None
@@ -256,28 +257,41 @@ class Session:
             return segment(self.segmenter, images)[:, 0].cpu().numpy()
 
     # -- interventions -------------------------------------------------------------------------
-    def insertion_values(self, layer: str, concept) -> torch.Tensor:
+    def insertion_ready(self, layer: str) -> bool:
+        """Whether insertions at ``layer`` render at once (their values are computed)."""
+        return self._insertion.cached(layer)
+
+    def insertion_values(self, layer: str, concept, progress=False) -> torch.Tensor:
+        """(C,) insertion values of ``layer``'s units for ``concept``.  The first call computes
+        those of every concept of every dissected layer in one pass over ``insertion_samples``
+        samples (seconds on the default world); ``progress`` as in ``engine.progress``."""
         with self.lock:
+            if not self._insertion.cached(layer):
+                others = self.dissection.layers if self.dissection is not None else []
+                self._insertion.prepare([layer] + [l for l in others if l != layer], progress)
             return self._insertion(layer, concept)
 
-    def intervention(self, layer: str, units, mode: str = "ablate", concept=None, region=None) -> Intervention:
-        """An Intervention with this session's insertion values (for ``concept``), times its
-        ``strength``, when inserting."""
+    def intervention(self, layer: str, units, mode: str = "ablate", concept=None, region=None,
+                     strength: float | None = None, progress=False) -> Intervention:
+        """An Intervention with this session's insertion values (for ``concept``), times
+        ``strength`` (default the session's), when inserting."""
         values = None
         if mode == "insert":
             concept = concept if concept is not None else self.concept
             if concept is None:
                 raise ValueError("an insertion needs a concept (its insertion values come from it)")
-            values = self.insertion_values(layer, concept)[torch.as_tensor(list(units), dtype=torch.long)]
-            values = values * self.strength
+            values = self.insertion_values(layer, concept, progress)[torch.as_tensor(list(units), dtype=torch.long)]
+            values = values * (self.strength if strength is None else float(strength))
         return Intervention(layer, list(units), mode, values=values, region=region)
 
-    def unit_ace(self, layer: str, concept, n_samples: int = 32) -> np.ndarray:
-        """(U,) single-unit ACE with this session's insertion values (slow: 2U partial renders per batch)."""
+    def unit_ace(self, layer: str, concept, n_samples: int = 32, units=None, progress=False) -> np.ndarray:
+        """(U,) single-unit ACE with this session's insertion values (NaN for units not in
+        ``units``, default all: 2 partial renders per unit and batch of samples)."""
         from gandissect_widgets.engine.ace import unit_ace
+        self.insertion_values(layer, concept, progress)
         with self.lock:
-            return unit_ace(self.generator, self.segmenter, layer, concept, n_samples=n_samples,
-                            insertion=self._insertion, progress=False)
+            return unit_ace(self.generator, self.segmenter, layer, concept, n_samples=n_samples, units=units,
+                            insertion=self._insertion, progress=progress)
 
     def top_units(self, layer: str, concept, k: int) -> list[int]:
         return [int(u) for u in self._need_dissection().ranking(layer, concept)[:k]]

@@ -1,20 +1,23 @@
 """Paint objects in or out: an ipycanvas canvas over a generated image.
 
 Each stroke is a region at image resolution; on mouse-up it becomes an insertion ("draw") or an
-ablation ("erase") of the chosen concept's top units at the chosen layer, inside that region, and
-the image re-renders.  The strokes live in Python (the canvas is only a view of them), so the
-canvas is repainted whenever a client connects, and undo/reset/export work on the real state.
+ablation ("erase") of a concept's top units at a layer, inside that region, and the image
+re-renders.  A stroke takes its mode, concept, layer and unit count when it starts, and keeps them.
+The strokes live in Python (the canvas is only a view of them), so the canvas is repainted
+whenever a client connects, and undo/reset/export work on the real state.  The picture itself is
+an image widget under a transparent canvas: a notebook saved with its widget state shows it again.
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 
 import ipywidgets as W
 import numpy as np
-from ipycanvas import MultiCanvas, hold_canvas
+from ipycanvas import Canvas, hold_canvas
 
 from gandissect_widgets.engine.io import atomic_write_bytes
-from gandissect_widgets.widgets.base import View, image_widget, strength_slider
+from gandissect_widgets.widgets.base import ChoiceButtons, View, image_widget, pixels, strength_slider
 from gandissect_widgets.widgets.encode import encode_image, enlarge
 
 __all__ = ["PaintWidget", "Stroke"]
@@ -49,6 +52,10 @@ def disc_mask(shape, points, radius) -> np.ndarray:
 
 
 class PaintWidget(View):
+    """Draw a concept in, or erase it, on generated sample ``sample`` (``layer``: where its units
+    are switched; default the session's layer).  The brush's concept is the widget's own: painting
+    with another concept does not change what the other views show."""
+
     def __init__(self, session, sample: int = 0, scale: int = 4, units: int = 10, layer: str | None = None):
         s = session
         d = s._need_dissection()
@@ -56,49 +63,61 @@ class PaintWidget(View):
         if layer is not None and layer not in d.layers:
             raise ValueError(f"layer {layer!r} was not dissected; dissected layers: {', '.join(d.layers)}")
         self.scale = scale
+        wide = W.Layout(width="300px")
         self.sample = W.BoundedIntText(value=sample, min=0, max=10 ** 6, description="sample",
-                                       layout=W.Layout(width="160px"))
+                                       layout=W.Layout(width="180px"))
         self.concept = W.Dropdown(options=s.concepts(), value=s.concept or s.concepts()[0], description="concept",
-                                  layout=W.Layout(width="220px"))
+                                  layout=wide)
         self.layer = W.Dropdown(options=d.layers, value=layer if layer in d.layers else d.layers[0],
-                                description="layer", layout=W.Layout(width="180px"))
-        self.mode = W.ToggleButtons(options=["draw", "erase"], value="draw",
-                                    tooltips=["insert the concept here", "remove the concept here"])
-        self.brush = W.IntSlider(value=4, min=1, max=16, description="brush", continuous_update=False)
+                                description="layer", layout=wide)
+        self.mode = ChoiceButtons(["draw", "erase"], "draw", tooltips=["insert the concept here",
+                                                                       "remove the concept here"])
+        self.brush = W.IntSlider(value=4, min=1, max=16, description="brush", continuous_update=False, layout=wide)
         self.units = W.IntSlider(value=units, min=1, max=min(50, s.n_units(self.layer.value)), description="units",
-                                 continuous_update=False, tooltip="the concept's top units by IoU")
+                                 continuous_update=False, tooltip="the concept's top units by IoU", layout=wide)
         self.strength = strength_slider(s)
-        self.undo_btn = W.Button(description="undo", icon="undo")
-        self.reset_btn = W.Button(description="reset", icon="trash")
-        self.export_path = W.Text(value="painted.png", layout=W.Layout(width="180px"))
-        self.export_btn = W.Button(description="export PNG", icon="download")
-        self.result = image_widget()  # saved in widget state: the last result survives export/reload
+        self.strength.layout = W.Layout(width="300px")
+        self.undo_btn = W.Button(description="undo", icon="undo", layout=W.Layout(width="auto"))
+        self.reset_btn = W.Button(description="reset", icon="trash", layout=W.Layout(width="auto"))
+        self.export_path = W.Text(value="painted.png", layout=W.Layout(width="160px"))
+        self.export_btn = W.Button(description="export PNG", icon="download", layout=W.Layout(width="auto"))
         self.strokes: list[Stroke] = []
-        self._current: list | None = None
+        self._current = None  # (points, mode, concept, layer, units, brush) of the stroke being drawn
         self._image = None  # last rendered uint8 (H,W,3)
         x = s.images([sample])
         H, W_ = x.shape[1:3]
         self.size = (H, W_)
-        self.canvas = MultiCanvas(2, width=W_ * scale, height=H * scale)
-        self.canvas.layout.width = f"{W_ * scale}px"
-        self.canvas.layout.height = f"{H * scale}px"
+        # the picture (saved with the widget state) under a transparent canvas for the strokes
+        self.picture = pixels(image_widget(), W_ * scale, H * scale)
+        self.canvas = pixels(Canvas(width=W_ * scale, height=H * scale), W_ * scale, H * scale)
+        self.picture.layout.grid_area = "cell"
+        self.canvas.layout.grid_area = "cell"
+        board = W.GridBox([self.picture, self.canvas],
+                          layout=W.Layout(grid_template_areas='"cell"', width=f"{W_ * scale}px"))
+        board.add_class("gd-fixed")
+        self.result = pixels(image_widget(), W_ * scale, H * scale)  # the last result, also when exported
         controls = W.VBox([self.sample, self.concept, self.layer, self.mode, self.brush, self.units, self.strength,
-                           W.HBox([self.undo_btn, self.reset_btn]), W.HBox([self.export_path, self.export_btn])])
-        super().__init__(session, [W.HBox([self.canvas, controls, W.VBox([W.HTML("<b>result</b>"), self.result])])])
+                           W.HBox([self.undo_btn, self.reset_btn]), W.HBox([self.export_path, self.export_btn])],
+                          layout=W.Layout(width="310px"))
+        row = W.HBox([W.VBox([_caption("paint here"), board]), controls,
+                      W.VBox([_caption("result"), self.result])], layout=W.Layout(flex_flow="row wrap"))
+        row.add_class("gd-row")
+        super().__init__(session, [row])
         self.add_class("gd-paint")
         self.canvas.add_class("gd-paint-canvas")
+        self.picture.add_class("gd-paint-picture")
         self.result.add_class("gd-paint-result")
-        top = self.canvas[1]
-        top.on_mouse_down(self.safely(self.mouse_down))
-        top.on_mouse_move(self.safely(self.mouse_move))
-        top.on_mouse_up(self.safely(self.mouse_up))
-        top.on_mouse_out(self.safely(self.mouse_up))
-        self.canvas.on_client_ready(self.safely(self.repaint))
+        c = self.canvas
+        c.on_mouse_down(self.safely(self.mouse_down))
+        c.on_mouse_move(self.safely(self.mouse_move))
+        c.on_mouse_up(self.safely(self.mouse_up))
+        c.on_mouse_out(self.safely(self.mouse_up))
+        c.on_client_ready(self.safely(self.repaint))
         self.undo_btn.on_click(self.safely(lambda b: self.undo()))
         self.reset_btn.on_click(self.safely(lambda b: self.reset()))
         self.export_btn.on_click(self.safely(lambda b: self.export(self.export_path.value)))
         self.sample.observe(self.safely(lambda ch: self.reset()), names="value")
-        self.concept.observe(self.safely(lambda ch: s.update(concept=ch["new"])), names="value")
+        self.layer.observe(self.safely(self._layer_changed), names="value")
         self.strength.observe(self.safely(lambda ch: s.update(strength=ch["new"])), names="value")
         s.observe(self._session_changed, names=["strength"])
         self._show(x[0])
@@ -108,38 +127,44 @@ class PaintWidget(View):
         if any(st.mode == "draw" for st in self.strokes):  # insertions depend on it
             self.rerender()
 
+    def _layer_changed(self, ch):
+        self.units.max = min(50, self.session.n_units(ch["new"]))
+
     # -- events (canvas pixels) ----------------------------------------------------------------
     def _image_xy(self, x, y):
         return x / self.scale, y / self.scale
 
     def mouse_down(self, x, y):
-        self._current = [self._image_xy(x, y)]
+        """A stroke starts: it takes the brush as it is now (mode, concept, layer, units, size)."""
+        self._current = ([self._image_xy(x, y)], self.mode.value, self.concept.value, self.layer.value,
+                         self.units.value, self.brush.value)
         self._dab(x, y)
 
     def mouse_move(self, x, y):
         if self._current is not None:
-            self._current.append(self._image_xy(x, y))
+            self._current[0].append(self._image_xy(x, y))
             self._dab(x, y)
 
     def mouse_up(self, x, y):
         if self._current is None:
             return
-        pts, self._current = self._current, None
-        mask = disc_mask(self.size, pts, self.brush.value)
-        s = self.session
-        units = tuple(s.top_units(self.layer.value, self.concept.value, self.units.value))
-        self.strokes.append(Stroke(self.mode.value, self.concept.value, self.layer.value, units, mask))
+        (pts, mode, concept, layer, n, brush), self._current = self._current, None
+        units = tuple(self.session.top_units(layer, concept, n))
+        self.strokes.append(Stroke(mode, concept, layer, units, disc_mask(self.size, pts, brush)))
         self.rerender()
 
     def _dab(self, x, y):
-        top = self.canvas[1]
-        top.fill_style = "rgba({},{},{},{})".format(*OVERLAY[self.mode.value][:3], OVERLAY[self.mode.value][3] / 255)
-        top.fill_circle(x, y, self.brush.value * self.scale)
+        mode, brush = self._current[1], self._current[5]
+        self.canvas.fill_style = "rgba({},{},{},{})".format(*OVERLAY[mode][:3], OVERLAY[mode][3] / 255)
+        self.canvas.fill_circle(x, y, brush * self.scale)
 
     # -- state ---------------------------------------------------------------------------------
-    def interventions(self):
+    def interventions(self, strokes=None, progress=False):
+        """The strokes (default: all so far) as interventions; the first insertion at a layer
+        computes its insertion values, so this runs off the comm thread, with ``progress``."""
         s = self.session
-        return [s.intervention(st.layer, st.units, MODES[st.mode], st.concept, region=st.mask) for st in self.strokes]
+        return [s.intervention(st.layer, st.units, MODES[st.mode], st.concept, region=st.mask, progress=progress)
+                for st in (self.strokes if strokes is None else strokes)]
 
     def undo(self):
         if self.strokes:
@@ -158,28 +183,37 @@ class PaintWidget(View):
         return out
 
     def rerender(self):
-        sample, ivs = self.sample.value, self.interventions()
-        self.run(lambda: self.session.images([sample], ivs)[0], self._show)
+        sample, strokes = self.sample.value, list(self.strokes)
+
+        def job(report):
+            return self.session.images([sample], self.interventions(strokes, report))[0]
+        self.run(job, self._show, progress=True)
 
     def _show(self, img):
         self._image = img
-        self.result.value = encode_image(img, "png", self.scale)
+        png = encode_image(img, "png", self.scale)
+        with self.hold_sync():
+            self.picture.value = png
+            self.result.value = png
         self.repaint()
 
     def repaint(self, *_):
         if self._image is None:
             return
+        overlay = self.mask_rgba()
         with hold_canvas():
-            self.canvas[0].put_image_data(enlarge(self._image, self.scale), 0, 0)
-            self.canvas[1].clear()
-            overlay = self.mask_rgba()
+            self.canvas.clear()
             if overlay[..., 3].any():
-                self.canvas[1].put_image_data(enlarge(overlay, self.scale), 0, 0)
+                self.canvas.put_image_data(enlarge(overlay, self.scale), 0, 0)
 
     def export(self, path: str):
         """Write the current result as a PNG (at display scale)."""
         if self._image is None:
             raise ValueError("nothing rendered yet")
         atomic_write_bytes(path, encode_image(self._image, "png", self.scale))
-        self.status.value = f"wrote {path}"
+        self.status.value = f"wrote {html.escape(str(path))}"
         return path
+
+
+def _caption(text):
+    return W.HTML(f'<span class="gd-caption"><b>{html.escape(text)}</b></span>')
