@@ -11,6 +11,9 @@ from gandissect_widgets.widgets.worker import LatestWins
 
 
 def h(b):
+    """A digest of image bytes, or of a list of image widgets' bytes (a panel's columns)."""
+    if isinstance(b, list):
+        return hashlib.sha256(b"".join(bytes(w.value) for w in b)).hexdigest()
     return hashlib.sha256(bytes(b)).hexdigest()
 
 
@@ -50,13 +53,13 @@ def test_session_state_and_observers(session):
 def test_unit_browser_sort_filter_click(session):
     b = UnitBrowser(session, per_page=6)
     assert b.wait()
-    assert len(b.grid.children) == 6 and b.last_error is None
+    assert len(b.visible_cards()) == 6 and b.last_error is None
     assert b.order()[:4] == sorted(b.order()[:4], key=lambda u: -session.dissection.unit_ious("layer1")[u])
     b.filter.value = "green"
     assert b.wait() and b.order()[0] == 1
     b.interp_only.value = True
     assert b.wait() and b.order() == [1]
-    assert len(b.grid.children) == 1
+    assert len(b.visible_cards()) == 1
     b.interp_only.value = False
     b.sort.value = "unit"
     b.filter.value = "(all concepts)"
@@ -66,7 +69,7 @@ def test_unit_browser_sort_filter_click(session):
     assert "unit 2" in b.detail_title.value and "blue" in b.detail_title.value
     assert b.detail_samples.value[:4] == b"\x89PNG" and len(b.detail_iou.value) > 1000
     # a card's picture shows the unit's mask: pixels outside are darkened
-    first = b.grid.children[0].children[0].value
+    first = b.visible_cards()[0].children[0].value
     assert first[:4] == b"\x89PNG"
 
 
@@ -94,19 +97,19 @@ def test_ranking_selects_and_sends(session):
 def test_ablation_toggles_change_images_only_when_they_should(session):
     a = AblationPanel(session)
     assert a.wait()
-    orig, edited = h(a.original.value), h(a.edited.value)
+    orig, edited = h(a.originals), h(a.editeds)
     assert orig == edited  # nothing switched
     a.toggle(0)  # the red unit
     assert a.wait() and session.selection == (0,)
-    assert h(a.edited.value) != edited and h(a.original.value) == orig
+    assert h(a.editeds) != edited and h(a.originals) == orig
     assert "1.00% → 0.00%" in a.stats.value
-    after_red = h(a.edited.value)
+    after_red = h(a.editeds)
     a.toggle(9)  # a random unit: no effect on the image
     assert a.wait() and session.selection == (0, 9)
-    assert h(a.edited.value) == after_red
+    assert h(a.editeds) == after_red
     a.toggle(0)
     a.toggle(9)
-    assert a.wait() and h(a.edited.value) == edited
+    assert a.wait() and h(a.editeds) == edited
     session.update(mode="insert", selection=[0])
     assert a.wait() and a.mode.value == "insert"
     assert "→ 9" in a.stats.value  # red everywhere (but the other concepts' cells)
@@ -183,33 +186,54 @@ def test_views_need_a_dissection():
         UnitBrowser(s)
 
 
-def test_static_picture_beside_every_widget(session):
-    """Readers without widgets (nbconvert, GitHub) get a PNG of the view; snapshot() freezes
-    the current state, and follows the edits."""
-    import base64
+def _as_array(png):
     import io
     from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
-    def _as_array(png):
-        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+def find_picture(big, small):
+    """(y, x) where the picture ``small`` stands, pixel for pixel, inside ``big``; None if nowhere."""
+    pack = lambda a: (a[..., 0].astype(np.uint32) << 16) | (a[..., 1].astype(np.uint32) << 8) | a[..., 2]
+    B, S = pack(np.asarray(big)), pack(np.asarray(small))
+    (H, W), (h, w) = B.shape, S.shape
+    needle = S[0].tobytes()
+    for y in range(H - h + 1):
+        row, at = B[y].tobytes(), 0
+        while (i := row.find(needle, at)) != -1:
+            x = i // 4
+            if i % 4 == 0 and x <= W - w and np.array_equal(B[y:y + h, x:x + w], S):
+                return y, x
+            at = i + 1
+    return None
+
+
+def test_static_picture_beside_every_widget(session):
+    """Readers without widgets (nbconvert, GitHub) get a PNG of the view, with the labels a
+    reader needs; snapshot() freezes the current state, and follows the edits."""
+    import base64
+    from gandissect_widgets.widgets.snapshot import text_image
     a = AblationPanel(session)
     bundle = a._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == a.model_id
-    png = base64.b64decode(bundle["image/png"])
-    pic = _as_array(png)
-    orig = _as_array(a.original.value)
-    # originals, edited and difference stacked: as wide as the widest, at least three tall
-    assert pic.shape[1] == orig.shape[1] and pic.shape[0] >= 3 * orig.shape[0]
-    assert np.array_equal(pic[:orig.shape[0]], orig)
-    before = a.snapshot().data
+    pic = _as_array(base64.b64decode(bundle["image/png"]))
+    for img in a.originals + a.editeds:
+        assert find_picture(pic, _as_array(img.value)) is not None
+    for word in ("original", "edited", "difference"):
+        assert find_picture(pic, np.asarray(text_image(word))) is not None
     a.toggle(0)
-    after = a.snapshot().data
-    assert h(after) != h(before)
-    assert np.array_equal(_as_array(after)[orig.shape[0] + 6:2 * orig.shape[0] + 6], _as_array(a.edited.value))
+    after = _as_array(a.snapshot().data)
+    assert find_picture(after, _as_array(a.editeds[0].value)) is not None
+    # the switched unit reads as pressed, the others as not
+    assert find_picture(after, np.asarray(text_image("0", pressed=True, boxed=True))) is not None
+    assert find_picture(after, np.asarray(text_image("0", pressed=False, boxed=True))) is None
     b = UnitBrowser(session, per_page=6)
+    assert b.wait()
     grid = _as_array(b.snapshot_png())
-    card = _as_array(b.grid.children[0].children[0].value)
-    assert grid.shape[1] >= 3 * card.shape[1]  # cards side by side, as the grid shows them
+    card = b.visible_cards()[0]
+    assert find_picture(grid, _as_array(card.children[0].value)) is not None
+    label = card.children[1].description
+    assert "IoU" in label and find_picture(grid, np.asarray(text_image(label, boxed=True))) is not None
     p = PaintWidget(session, sample=1, scale=4)
     assert "image/png" in p._repr_mimebundle_()
     s = gw.Session(gw.load_generator("planted"), gw.load_segmenter("planted"))
@@ -222,12 +246,12 @@ def test_insertion_strength_is_shared_and_rerenders_only_insertions(session):
     a = AblationPanel(session)
     a.toggle(0)
     assert a.wait()
-    ablated = h(a.edited.value)
+    ablated = h(a.editeds)
     a.strength.value = 3.0  # ablation ignores it
-    assert session.strength == 3.0 and a.wait() and h(a.edited.value) == ablated
+    assert session.strength == 3.0 and a.wait() and h(a.editeds) == ablated
     session.update(mode="insert", strength=1)
     assert a.wait()
-    once = h(a.edited.value)
+    once = h(a.editeds)
     assert "insert (x1)" in a.stats.value
     p = PaintWidget(session, sample=1, scale=4)
     assert p.strength.value == 1.0
@@ -239,7 +263,7 @@ def test_insertion_strength_is_shared_and_rerenders_only_insertions(session):
     p.strength.value = 0.5  # from the paint widget: the ablation panel follows
     assert a.wait() and p.wait()
     assert a.strength.value == 0.5 and "insert (x0.5)" in a.stats.value
-    assert h(a.edited.value) != once and h(p.result.value) != painted
+    assert h(a.editeds) != once and h(p.result.value) != painted
     iv = session.intervention("layer1", [0], "insert", "red")
     torch_values = session.insertion_values("layer1", "red")[[0]] * 0.5
     assert np.allclose(np.asarray(iv.values), np.asarray(torch_values))

@@ -1,50 +1,58 @@
-"""Ablation panel: a strip of samples, originals beside edited images; toggle units and the edited
-images re-render at once from cached activations."""
+"""Ablation panel: samples shown as columns (original, edited, difference); toggle units and the
+edited images re-render at once from cached activations."""
 from __future__ import annotations
+
+import html
 
 import ipywidgets as W
 import numpy as np
 
-from gandissect_widgets.engine.imaging import difference, strip, to_uint8
+from gandissect_widgets.engine.imaging import difference, to_uint8
 from gandissect_widgets.engine.session import parse_indices
-from gandissect_widgets.widgets.base import View, image_widget, strength_slider
-from gandissect_widgets.widgets.encode import encode_image
+from gandissect_widgets.report.figures import difference_colorbar_figure
+from gandissect_widgets.widgets.base import View, caption, image_widget, pixels, row, strength_slider
+from gandissect_widgets.widgets.encode import encode_image, figure_png
 
 __all__ = ["AblationPanel"]
+
+ROWS = ("original", "edited", "difference")
+DIFFERENCE_GAIN = 2.0  # the difference images are |original - edited| times this
 
 
 class AblationPanel(View):
     """Units to switch: the session's selection.  Candidate toggles: the concept's top units by IoU
-    plus whatever is selected.  Shows originals, edited images, their difference, and the change in
-    the concept's pixels."""
+    plus whatever is selected.  Shows each sample's original, edited image and their difference,
+    and the change in the concept's pixels.  Controls and pictures are made once and reused."""
 
     def __init__(self, session, candidates: int = 20, scale: int = 2):
         s = session
         s._need_dissection()
         self.n_candidates, self.scale = candidates, scale
-        self.samples = W.Text(value=_format(s.samples), description="samples", layout=W.Layout(width="200px"))
+        self.samples = W.Text(value=_format(s.samples), description="samples", layout=W.Layout(width="220px"))
         self.concept = W.Dropdown(options=s.concepts(), value=s.concept or s.concepts()[0], description="concept",
-                                  layout=W.Layout(width="220px"))
-        self.mode = W.ToggleButtons(options=[("ablate", "ablate"), ("insert", "insert")], value=s.mode)
+                                  layout=W.Layout(width="240px"))
+        self.mode = W.ToggleButtons(options=[("ablate", "ablate"), ("insert", "insert")], value=s.mode,
+                                    style={"button_width": "70px"})
         self.strength = strength_slider(s)
         self.topk = W.IntSlider(value=min(10, candidates), min=0, max=candidates, description="top-k",
-                                continuous_update=False)
-        self.use_topk = W.Button(description="switch top-k", tooltip="select the concept's top-k units by IoU")
-        self.clear = W.Button(description="none", tooltip="switch no unit")
-        self.toggles = W.HBox(layout=W.Layout(flex_flow="row wrap", max_width="900px"))
-        self.original = image_widget()
-        self.edited = image_widget()
-        self.diff = image_widget()
+                                continuous_update=False, layout=W.Layout(width="300px"))
+        self.use_topk = W.Button(description="switch top-k", tooltip="select the concept's top-k units by IoU",
+                                 layout=W.Layout(width="auto"))
+        self.clear = W.Button(description="none", tooltip="switch no unit", layout=W.Layout(width="auto"))
+        self.toggles = row([])
+        self.columns = row([])
+        self.scale_bar = image_widget()
+        self.scale_bar.add_class("gd-chart")
         self.stats = W.HTML()
-        self._toggles: dict[int, W.ToggleButton] = {}
-        self._base = None  # (key, uint8 originals, presence)
-        rows = W.VBox([W.HTML("<b>original</b>"), self.original, W.HTML("<b>edited</b>"), self.edited,
-                       W.HTML("<b>difference</b>"), self.diff])
-        super().__init__(session, [W.HBox([self.samples, self.concept, self.mode, self.strength]),
-                                   W.HBox([self.topk, self.use_topk, self.clear]), self.toggles, rows, self.stats])
+        self._toggles: list[W.ToggleButton] = []  # a pool: reused when the candidates change
+        self._cells: list[tuple] = []  # a pool of (column, original, edited, difference) per sample
+        self._syncing = False
+        self._base = None  # (key, uint8 originals, presence, original PNGs)
+        self._labels = W.VBox([caption(r, height=f"{64 * scale}px", width="80px", margin="2px") for r in ROWS])
+        super().__init__(session, [row([self.samples, self.concept, self.mode, self.strength]),
+                                   row([self.topk, self.use_topk, self.clear]), self.toggles, self.columns,
+                                   self.scale_bar, self.stats])
         self.add_class("gd-ablation")
-        self.edited.add_class("gd-edited")
-        self.original.add_class("gd-original")
         self.samples.observe(self.safely(self._samples_changed), names="value")
         self.concept.observe(self.safely(lambda ch: s.update(concept=ch["new"])), names="value")
         self.mode.observe(self.safely(lambda ch: s.update(mode=ch["new"])), names="value")
@@ -54,8 +62,22 @@ class AblationPanel(View):
         s.observe(self._session_changed, names=["selection", "samples", "mode", "concept", "layer", "strength"])
         if s.concept is None:
             s.update(concept=self.concept.value)
+        self.scale_bar.value = figure_png(difference_colorbar_figure(DIFFERENCE_GAIN))
         self._build_toggles()
         self.refresh()
+
+    # the pictures of sample i: self.originals[i], self.editeds[i], self.differences[i]
+    @property
+    def originals(self):
+        return [c[1] for c in self._cells if c[0].layout.display != "none"]
+
+    @property
+    def editeds(self):
+        return [c[2] for c in self._cells if c[0].layout.display != "none"]
+
+    @property
+    def differences(self):
+        return [c[3] for c in self._cells if c[0].layout.display != "none"]
 
     # -- state ---------------------------------------------------------------------------------
     def candidates(self) -> list[int]:
@@ -85,8 +107,8 @@ class AblationPanel(View):
             self.mode.value = new
         elif name == "strength":
             self.strength.value = new
-            if s.mode != "insert":
-                return  # ablations do not depend on it
+            if s.mode != "insert" or not s.selection:
+                return  # nothing shown depends on it
         elif name == "concept" and new is not None and new != self.concept.value:
             self.concept.value = new
         if name in ("concept", "layer", "selection"):
@@ -96,53 +118,86 @@ class AblationPanel(View):
     def _build_toggles(self):
         sel = set(self.session.selection)
         cands = self.candidates()
-        if set(cands) != set(self._toggles):
-            self._toggles = {}
-            for u in cands:
-                t = W.ToggleButton(value=u in sel, description=str(u), tooltip=f"unit {u}",
-                                   layout=W.Layout(width="46px"))
-                t.add_class("gd-unit-toggle")
-                t.observe(self.safely(lambda ch, u=u: self.toggle(u, ch["new"])), names="value")
-                self._toggles[u] = t
-            self.toggles.children = list(self._toggles.values())
-        for u, t in self._toggles.items():
-            if t.value != (u in sel):
-                t.value = u in sel
+        while len(self._toggles) < len(cands):
+            t = W.ToggleButton(layout=W.Layout(width="auto", min_width="48px"))
+            t.add_class("gd-unit-toggle")
+            t.observe(self.safely(lambda ch, t=t: self._toggled(t, ch["new"])), names="value")
+            self._toggles.append(t)
+        self._syncing = True
+        try:
+            for t, u in zip(self._toggles, cands):
+                t.unit = u
+                t.description, t.tooltip, t.value = str(u), f"unit {u}", u in sel
+                t.layout.display = None
+            for t in self._toggles[len(cands):]:
+                t.unit, t.layout.display = None, "none"
+        finally:
+            self._syncing = False
+        if len(self.toggles.children) != len(self._toggles):
+            self.toggles.children = list(self._toggles)
+
+    def _toggled(self, t, on):
+        if not self._syncing and t.unit is not None:
+            self.toggle(t.unit, on)
+
+    def unit_toggles(self) -> dict:
+        """{unit: its ToggleButton} of the candidates shown."""
+        return {t.unit: t for t in self._toggles if t.unit is not None}
 
     # -- rendering -----------------------------------------------------------------------------
     def refresh(self):
         s = self.session
         layer, samples, units, mode, concept = s.layer, s.samples, tuple(s.selection), s.mode, self.concept.value
-        self.run(lambda: self.compute(layer, samples, units, mode, concept), self._show)
+        self.run(lambda report: self.compute(layer, samples, units, mode, concept, report), self._show,
+                 progress=True)
 
-    def compute(self, layer, samples, units, mode, concept):
-        """(original bytes, edited bytes, difference bytes, stats html) for this state."""
+    def compute(self, layer, samples, units, mode, concept, progress=False):
+        """(original PNGs, edited PNGs, difference PNGs, stats html), one PNG per sample."""
         s = self.session
         key = (layer, samples, concept)
+        enc = lambda a: [encode_image(x, "png", self.scale) for x in a]
         if self._base is None or self._base[0] != key:
             x0 = s.render(samples, [])
-            self._base = (key, to_uint8(x0), s.presence(x0, concept))
-        _, orig, p0 = self._base
+            orig = to_uint8(x0)
+            self._base = (key, orig, s.presence(x0, concept), enc(orig))
+        _, orig, p0, orig_png = self._base
         if units:
-            x1 = s.render(samples, [s.intervention(layer, units, mode, concept)])
+            x1 = s.render(samples, [s.intervention(layer, units, mode, concept, progress=progress)])
             edited, p1 = to_uint8(x1), s.presence(x1, concept)
+            edited_png = enc(edited)
         else:
-            edited, p1 = orig, p0
+            edited, p1, edited_png = orig, p0, orig_png
         H, W_ = orig.shape[1:3]
         d = float(np.mean(p1 - p0))
         how = f"insert (x{s.strength:g})" if mode == "insert" else mode
-        stats = (f"{how} {len(units)} unit(s) of {layer}: <b>{concept}</b> pixels "
+        stats = (f"{how} {len(units)} unit(s) of {html.escape(layer)}: <b>{html.escape(concept)}</b> pixels "
                  f"{100 * np.mean(p0):.2f}% → {100 * np.mean(p1):.2f}% "
                  f"(<b>{'+' if d >= 0 else ''}{100 * d:.2f}</b> points; "
                  f"{int(round(np.sum(p1 - p0) * H * W_)):+d} pixels over {len(samples)} samples)")
-        enc = lambda a: encode_image(strip(a), "png", self.scale)
-        return enc(orig), enc(edited), enc(difference(orig, edited)), stats
+        side = (W_ * self.scale, H * self.scale)
+        return orig_png, edited_png, enc(difference(orig, edited, DIFFERENCE_GAIN)), stats, side
 
     def _show(self, parts):
-        o, e, d, stats = parts
+        orig, edited, diff, stats, side = parts
+        n = len(orig)
+        while len(self._cells) < n:
+            pics = [pixels(image_widget(), *side) for _ in ROWS]
+            for p, r in zip(pics, ROWS):
+                p.add_class(f"gd-{r}")
+            col = W.VBox(pics, layout=W.Layout(flex="none"))
+            self._cells.append((col, *pics))
         with self.hold_sync():
-            self.original.value, self.edited.value, self.diff.value = o, e, d
+            for i, (col, o, e, d) in enumerate(self._cells):
+                col.layout.display = None if i < n else "none"
+                if i < n:
+                    for w, v in ((o, orig[i]), (e, edited[i]), (d, diff[i])):
+                        if w.value != v:
+                            w.value = v
+            if len(self.columns.children) != len(self._cells) + 1:
+                self.columns.children = [self._labels] + [c[0] for c in self._cells]
             self.stats.value = stats
+
+
 
 
 def _format(samples) -> str:

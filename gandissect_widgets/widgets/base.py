@@ -14,7 +14,7 @@ from gandissect_widgets.engine.progress import Cancelled
 from gandissect_widgets.widgets.snapshot import snapshot_png
 from gandissect_widgets.widgets.worker import LatestWins
 
-__all__ = ["View", "ChoiceButtons", "image_widget", "strength_slider", "pixels", "stylesheet"]
+__all__ = ["View", "ChoiceButtons", "image_widget", "strength_slider", "pixels", "stylesheet", "row", "caption"]
 
 BUSY_AFTER = 0.15  # seconds before "rendering..." shows
 SNAPSHOT_WAIT = 10.0  # seconds a display waits for the first render, for its static picture
@@ -46,6 +46,19 @@ def strength_slider(session):
     return W.FloatSlider(value=session.strength, min=0.5, max=8.0, step=0.5, description="strength",
                          continuous_update=False, readout_format=".1f",
                          tooltip="insertions set units to this many times their insertion values")
+
+
+def row(children=(), **layout):
+    """Controls or pictures side by side, wrapping to the width the view is given."""
+    box = W.HBox(list(children), layout=W.Layout(flex_flow="row wrap", **layout))
+    box.add_class("gd-row")
+    return box
+
+
+def caption(text: str, **layout):
+    """A bold caption (escaped: captions may hold concept names from a user's files)."""
+    return W.HTML(f'<span class="gd-caption"><b>{html.escape(text)}</b></span>',
+                  layout=W.Layout(**layout) if layout else W.Layout())
 
 
 class ChoiceButtons(W.HBox):

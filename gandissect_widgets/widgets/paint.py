@@ -17,7 +17,7 @@ import numpy as np
 from ipycanvas import Canvas, hold_canvas
 
 from gandissect_widgets.engine.io import atomic_write_bytes
-from gandissect_widgets.widgets.base import ChoiceButtons, View, image_widget, pixels, strength_slider
+from gandissect_widgets.widgets.base import ChoiceButtons, View, caption, image_widget, pixels, row, strength_slider
 from gandissect_widgets.widgets.encode import encode_image, enlarge
 
 __all__ = ["PaintWidget", "Stroke"]
@@ -99,10 +99,8 @@ class PaintWidget(View):
         controls = W.VBox([self.sample, self.concept, self.layer, self.mode, self.brush, self.units, self.strength,
                            W.HBox([self.undo_btn, self.reset_btn]), W.HBox([self.export_path, self.export_btn])],
                           layout=W.Layout(width="310px"))
-        row = W.HBox([W.VBox([_caption("paint here"), board]), controls,
-                      W.VBox([_caption("result"), self.result])], layout=W.Layout(flex_flow="row wrap"))
-        row.add_class("gd-row")
-        super().__init__(session, [row])
+        super().__init__(session, [row([W.VBox([caption("paint here"), board]), controls,
+                                        W.VBox([caption("result"), self.result])])])
         self.add_class("gd-paint")
         self.canvas.add_class("gd-paint-canvas")
         self.picture.add_class("gd-paint-picture")
@@ -214,6 +212,3 @@ class PaintWidget(View):
         self.status.value = f"wrote {html.escape(str(path))}"
         return path
 
-
-def _caption(text):
-    return W.HTML(f'<span class="gd-caption"><b>{html.escape(text)}</b></span>')
