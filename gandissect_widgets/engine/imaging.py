@@ -7,7 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "overlay_mask", "mask_outline", "heatmap", "strip", "grid", "difference"]
+__all__ = ["to_uint8", "overlay_mask", "mask_outline", "heatmap", "strip", "grid", "difference", "HEATMAP_STOPS"]
+
+# heatmap's colour ramp (plasma-like), evenly spaced from low to high; figures draw its colour bar from it
+HEATMAP_STOPS = ((13, 8, 135), (126, 3, 168), (204, 71, 120), (248, 149, 64), (240, 249, 33))
 
 
 def to_uint8(images) -> np.ndarray:
@@ -55,7 +58,7 @@ def heatmap(values: np.ndarray, vmin=None, vmax=None) -> np.ndarray:
     lo = float(np.min(v)) if vmin is None else vmin
     hi = float(np.max(v)) if vmax is None else vmax
     t = np.clip((v - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-    stops = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], np.float32)
+    stops = np.array(HEATMAP_STOPS, np.float32)
     pos = t * (len(stops) - 1)
     i = np.clip(pos.astype(int), 0, len(stops) - 2)
     f = (pos - i)[..., None]

@@ -1,7 +1,7 @@
 """Matplotlib figures of dissection and causal results, and ``save_figure``, the one way to write them.
 
-Figures are ``matplotlib.figure.Figure`` objects, not pyplot state: safe in threads and CLIs,
-and shown by Jupyter like any figure.
+Figures are ``PngFigure`` objects (matplotlib Figures, not pyplot state): safe in threads and CLIs,
+and shown by Jupyter as a PNG whether or not pyplot was imported, whatever the backend.
 """
 from __future__ import annotations
 
@@ -11,11 +11,29 @@ import os
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
+from gandissect_widgets.engine.imaging import HEATMAP_STOPS
 from gandissect_widgets.engine.io import atomic_write_bytes
 
 __all__ = ["save_figure", "removal_curve_figure", "ace_ranking_figure", "alpha_figure", "context_figure",
-           "artifacts_figure", "interpretable_units_figure"]
+           "artifacts_figure", "interpretable_units_figure", "interpretable_units_figures"]
+
+
+class PngFigure(Figure):
+    """A Figure that IPython shows as a PNG in any kernel, backend and nbconvert output (a plain Figure
+    made without pyplot prints ``<Figure size ...>`` until pyplot is imported).  White, even under a
+    dark style: light themes read it, and a CSS invert makes a clean dark chart of it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("facecolor", "white")
+        super().__init__(*args, **kwargs)
+
+    def _repr_png_(self):
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", bbox_inches="tight", facecolor=self.get_facecolor())
+        return buf.getvalue()
 
 
 def save_figure(fig, path, formats=("png", "pdf"), dpi=150):
@@ -35,7 +53,7 @@ def save_figure(fig, path, formats=("png", "pdf"), dpi=150):
 
 def removal_curve_figure(curve: dict):
     """Removal ratio vs number of units ablated: each ranking, and random units (mean ± std)."""
-    fig = Figure(figsize=(5, 3.6))
+    fig = PngFigure(figsize=(5, 3.6))
     ax = fig.subplots()
     ks = curve["ks"]
     for name, ys in curve["curves"].items():
@@ -60,7 +78,7 @@ def removal_curve_figure(curve: dict):
 def _ranked_bars(values, top, color, ylabel, title, ylim=None):
     values = np.asarray(values)
     order = np.lexsort((np.arange(len(values)), -values))[:top]
-    fig = Figure(figsize=(max(4, 0.22 * len(order) + 1), 3))
+    fig = PngFigure(figsize=(max(4, 0.22 * len(order) + 1), 3))
     ax = fig.subplots()
     ax.bar(range(len(order)), values[order], color=color)
     ax.set_xticks(range(len(order)))
@@ -85,7 +103,7 @@ def alpha_figure(alpha, concept: str, layer: str, top: int = 40):
 
 def context_figure(result, min_count: int = 5):
     rows = result.table(min_count)
-    fig = Figure(figsize=(5, 0.32 * max(3, len(rows)) + 1))
+    fig = PngFigure(figsize=(5, 0.32 * max(3, len(rows)) + 1))
     ax = fig.subplots()
     names = [r[0] for r in rows][::-1]
     vals = np.array([r[2] for r in rows])[::-1]
@@ -102,7 +120,7 @@ def context_figure(result, min_count: int = 5):
 def artifacts_figure(result, top: int = 20):
     score = result.score
     order = result.ranking[:top]
-    fig = Figure(figsize=(9, 3.2))
+    fig = PngFigure(figsize=(9, 3.2))
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     ax = axes[0]
     ax.bar(range(len(order)), score[order], color="tab:red")
@@ -126,37 +144,71 @@ def artifacts_figure(result, top: int = 20):
     return fig
 
 
-def interpretable_units_figure(dissection, layers=None, min_iou: float = 0.04, ax=None):
-    """Stacked bars: interpretable units per concept for each layer."""
+def _concept_colors(*dissections):
+    """{concept: colour} by the concept's position in the label lists (the first dissection's, then any
+    new labels of the others): one concept, one colour, in every panel, whatever the min IoU and the
+    concepts shown."""
+    labels = list(dict.fromkeys(c for d in dissections for c in d.labels[1:]))
+    cmap, n = (colormaps["tab10"], 10) if len(labels) <= 10 else (colormaps["tab20"], 20)
+    return {c: cmap(i % n) for i, c in enumerate(labels)}
+
+
+def _units_top(*counts):
+    """y-axis top for stacked unit counts: the tallest stack of any of the [per-layer counts], a margin, >= 1."""
+    return 1.08 * max([sum(cc.values()) for c in counts for cc in c] + [1])
+
+
+def _stacked_units(ax, layers, counts, colors):
+    """Stack each layer's interpretable units by concept in label order; returns the concepts drawn."""
+    bottom = np.zeros(len(layers))
+    drawn = [c for c in colors if any(cc.get(c) for cc in counts)]
+    for c in drawn:
+        vals = np.array([cc.get(c, 0) for cc in counts])
+        ax.bar(layers, vals, bottom=bottom, label=c, color=colors[c])
+        bottom += vals
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return drawn
+
+
+def interpretable_units_figure(dissection, layers=None, min_iou: float = 0.04, ax=None, ymax=None, colors=None):
+    """Stacked bars: interpretable units per concept for each layer.
+
+    ymax: the y-axis top (to compare figures, see ``interpretable_units_figures``); colors: a
+    {concept: colour} map shared with other charts (default: by this dissection's label order)."""
     layers = layers or dissection.layers
     counts = [dissection.concept_counts(l, min_iou) for l in layers]
-    concepts = sorted({c for cc in counts for c in cc}, key=lambda c: -sum(cc.get(c, 0) for cc in counts))
     own = ax is None
     if own:  # else draw into the given axes
-        fig = Figure(figsize=(max(4, 0.8 * len(layers) + 2), 3.5))
+        fig = PngFigure(figsize=(max(4, 0.8 * len(layers) + 2), 3.5))
         ax = fig.subplots()
-    bottom = np.zeros(len(layers))
-    cmap = colormaps["tab20"]
-    for i, c in enumerate(concepts):
-        vals = np.array([cc.get(c, 0) for cc in counts])
-        ax.bar(layers, vals, bottom=bottom, label=c, color=cmap(i % 20))
-        bottom += vals
+    if _stacked_units(ax, layers, counts, colors or _concept_colors(dissection)):
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.set_ylim(0, _units_top(counts) if ymax is None else ymax)
     ax.set_ylabel(f"interpretable units (IoU > {min_iou})")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     if own:
         fig.tight_layout()
         return fig
     return ax.figure
 
 
-def unit_iou_figure(dissection, layer: str, unit: int, top: int = 10):
-    """A unit's IoU with its best concepts (horizontal bars)."""
+def interpretable_units_figures(dissections, min_iou: float = 0.04):
+    """One ``interpretable_units_figure`` per dissection, on one y range and one concept colour map,
+    so that a model with few interpretable units looks it beside one with many."""
+    dissections = list(dissections)
+    top = _units_top(*([d.concept_counts(l, min_iou) for l in d.layers] for d in dissections))
+    colors = _concept_colors(*dissections)
+    return [interpretable_units_figure(d, min_iou=min_iou, ymax=top, colors=colors) for d in dissections]
+
+
+def unit_iou_figure(dissection, layer: str, unit: int, top: int = 10, min_iou: float = 0.04):
+    """A unit's IoU with its best concepts (horizontal bars); the dashed line is the ``min_iou`` cut-off."""
     iou = dissection.iou(layer)[unit]
     order = [c for c in np.argsort(-iou, kind="stable") if c > 0][:top]
-    fig = Figure(figsize=(3.4, 0.22 * len(order) + 0.9))
+    fig = PngFigure(figsize=(3.4, 0.22 * len(order) + 0.9))
     ax = fig.subplots()
     ax.barh([dissection.labels[c] for c in order][::-1], iou[order][::-1], color="tab:blue")
-    ax.axvline(0.04, color="gray", lw=0.8, ls="--")
+    ax.axvline(min_iou, color="gray", lw=0.8, ls="--", label=f"interpretable (IoU > {min_iou:g})")
+    ax.legend(fontsize=6, loc="lower right")
     ax.set_xlabel("IoU")
     ax.set_title(f"{layer} unit {unit}", fontsize=9)
     ax.tick_params(labelsize=7)
@@ -166,7 +218,7 @@ def unit_iou_figure(dissection, layer: str, unit: int, top: int = 10):
 
 def unit_histogram_figure(values, threshold: float, unit: int, bins: int = 50):
     """Histogram of a unit's (upsampled) activations with its threshold marked."""
-    fig = Figure(figsize=(3.4, 2.2))
+    fig = PngFigure(figsize=(3.4, 2.2))
     ax = fig.subplots()
     ax.hist(np.asarray(values).ravel(), bins=bins, color="tab:gray", log=True)
     ax.axvline(threshold, color="tab:red", lw=1, label="threshold")
@@ -182,7 +234,7 @@ def unit_histogram_figure(values, threshold: float, unit: int, bins: int = 50):
 def ranking_figure(scores, units_shown, selected, concept: str, metric: str):
     """Bars of a ranking (units in rank order), the selected ones highlighted."""
     scores = np.asarray(scores)
-    fig = Figure(figsize=(max(4, 0.2 * len(units_shown) + 1), 2.6))
+    fig = PngFigure(figsize=(max(4, 0.2 * len(units_shown) + 1), 2.6))
     ax = fig.subplots()
     colors = ["tab:orange" if u in selected else "tab:blue" for u in units_shown]
     ax.bar(range(len(units_shown)), scores[list(units_shown)], color=colors)
@@ -190,6 +242,8 @@ def ranking_figure(scores, units_shown, selected, concept: str, metric: str):
     ax.set_xticklabels([str(u) for u in units_shown], rotation=90, fontsize=6)
     ax.set_ylabel(metric)
     ax.set_xlabel("unit (selected in orange)")
+    ax.legend(handles=[Patch(color="tab:orange", label="selected"), Patch(color="tab:blue", label="not selected")],
+              fontsize=6, loc="upper right")
     ax.set_title(f"units by {metric} for {concept}", fontsize=9)
     fig.tight_layout()
     return fig
@@ -208,7 +262,7 @@ def image_grid_figure(rows, row_labels=None, col_labels=None, title=None, cell: 
     ncols = max(len(r) for r in rows)
     left = label_width if row_labels is not None else 0.1
     top = (0.45 if title else 0.05) + (0.3 if col_labels is not None else 0)
-    fig = Figure(figsize=(left + cell * ncols, top + cell * len(rows) + 0.05))
+    fig = PngFigure(figsize=(left + cell * ncols, top + cell * len(rows) + 0.05))
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for i, r in enumerate(rows):
         for j in range(ncols):
@@ -253,11 +307,6 @@ def unit_gallery_figure(gallery: dict, dissection, layer: str, rows, title=None,
                                       f"darkened outside the unit's top-1% mask")
 
 
-def _concept_colors(concepts):
-    cmap, n = (colormaps["tab10"], 10) if len(concepts) <= 10 else (colormaps["tab20"], 20)
-    return {c: cmap(i % n) for i, c in enumerate(concepts)}
-
-
 def compare_dissections_figure(dissections: dict, layers=None, min_iou: float = 0.04):
     """Two (or more) dissections side by side: interpretable units per concept for each layer
     (stacked bars, one panel per dissection, shared y axis and concept colours), and each layer's
@@ -269,32 +318,21 @@ def compare_dissections_figure(dissections: dict, layers=None, min_iou: float = 
         raise ValueError("compare_dissections_figure needs at least one dissection")
     lay = {n: list((layers.get(n) if isinstance(layers, dict) else layers) or dissections[n].layers) for n in names}
     counts = {n: [dissections[n].concept_counts(l, min_iou) for l in lay[n]] for n in names}
-    total = {}
-    for n in names:
-        for cc in counts[n]:
-            for c, v in cc.items():
-                total[c] = total.get(c, 0) + v
-    concepts = sorted(total, key=lambda c: (-total[c], c))
-    colors = _concept_colors(concepts)
+    colors = _concept_colors(*dissections.values())
     width = sum(max(2.2, 0.6 * len(lay[n]) + 1) for n in names) + 3.6
-    fig = Figure(figsize=(width, 3.6))
+    fig = PngFigure(figsize=(width, 3.6))
     axes = fig.subplots(1, len(names) + 1, gridspec_kw={"width_ratios": [max(2.2, 0.6 * len(lay[n]) + 1)
                                                                          for n in names] + [3.2]})
-    ymax = max([sum(cc.values()) for n in names for cc in counts[n]] + [1])
+    top = _units_top(*counts.values())
+    drawn = set()
     for ax, n in zip(axes, names):
-        bottom = np.zeros(len(lay[n]))
-        for c in concepts:
-            vals = np.array([cc.get(c, 0) for cc in counts[n]])
-            if vals.any():
-                ax.bar(lay[n], vals, bottom=bottom, color=colors[c], label=c)
-            bottom += vals
-        ax.set_ylim(0, ymax * 1.08)
+        drawn.update(_stacked_units(ax, lay[n], counts[n], colors))
+        ax.set_ylim(0, top)
         ax.set_title(n, fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=45)
         ax.tick_params(axis="y", labelsize=7)
     axes[0].set_ylabel(f"interpretable units (IoU > {min_iou})", fontsize=8)
-    from matplotlib.patches import Patch
-    handles = [Patch(color=colors[c], label=c) for c in concepts]
+    handles = [Patch(color=colors[c], label=c) for c in colors if c in drawn]
     if handles:
         axes[len(names) - 1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax = axes[-1]
@@ -335,7 +373,7 @@ def context_table_figure(results, min_count: int = 5):
         for i, c in enumerate(contexts):
             if c in t:
                 vals[i, j] = t[c]["added_fraction"]
-    fig = Figure(figsize=(1.9 * len(docs) + 1.6, 0.42 * max(3, len(contexts)) + 1.2))
+    fig = PngFigure(figsize=(1.9 * len(docs) + 1.6, 0.42 * max(3, len(contexts)) + 1.2))
     ax = fig.subplots()
     finite = vals[np.isfinite(vals)]
     vmax = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
@@ -364,4 +402,43 @@ def context_table_figure(results, min_count: int = 5):
     return fig
 
 
+# -- colour bars: keys to the pictures the engine draws (engine.imaging) -------------------------
+
+def _colorbar_figure(cmap, vmin: float, vmax: float, label: str):
+    """A small horizontal colour bar, ticked at its ends."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    fig = PngFigure(figsize=(3.2, 0.8))
+    ax = fig.subplots()
+    bar = fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), cax=ax, orientation="horizontal")
+    bar.set_ticks([vmin, vmax], labels=[f"{vmin:.4g}", f"{vmax:.4g}"])
+    bar.set_label(label, fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _heatmap_cmap():
+    from matplotlib.colors import LinearSegmentedColormap
+    return LinearSegmentedColormap.from_list("gandissect_heatmap", np.asarray(HEATMAP_STOPS) / 255.0)
+
+
+def heatmap_colorbar_figure(vmin: float, vmax: float, label: str = "activation"):
+    """Key to ``imaging.heatmap(values, vmin, vmax)``: the same ramp from vmin to vmax (a flat
+    range spans 1 above vmin, as heatmap maps it)."""
+    vmin = float(vmin)
+    vmax = float(vmax) if vmax > vmin else vmin + 1.0
+    return _colorbar_figure(_heatmap_cmap(), vmin, vmax, label)
+
+
+def difference_colorbar_figure(gain: float = 2.0):
+    """Key to ``imaging.difference(a, b, gain)``: grey = mean |a - b| per channel x gain, so white
+    is a mean difference of 255 / gain (0-255 pixel units) or more."""
+    if not gain > 0:
+        raise ValueError(f"gain must be positive, got {gain}")
+    return _colorbar_figure(colormaps["gray"], 0.0, 255.0 / gain, "mean |difference| per channel (0-255)")
+
+
+__all__ += ["unit_iou_figure", "unit_histogram_figure", "ranking_figure",
+            "heatmap_colorbar_figure", "difference_colorbar_figure"]
 __all__ += ["image_grid_figure", "unit_gallery_figure", "compare_dissections_figure", "context_table_figure"]

@@ -1,11 +1,12 @@
-"""Layer summary: interpretable units per concept per layer, for one dissection or two side by side."""
+"""Layer summary: interpretable units per concept per layer, for one dissection or two side by side
+(one y range and one concept colour map for both, so the charts compare)."""
 from __future__ import annotations
 
 import html
 
 import ipywidgets as W
 
-from gandissect_widgets.report.figures import interpretable_units_figure
+from gandissect_widgets.report.figures import interpretable_units_figures
 from gandissect_widgets.widgets.base import View, image_widget
 from gandissect_widgets.widgets.encode import figure_png
 
@@ -20,6 +21,7 @@ class LayerSummary(View):
         self.min_iou = W.FloatSlider(value=0.04, min=0.0, max=0.3, step=0.01, description="min IoU",
                                      continuous_update=False, readout_format=".2f")
         self.left, self.right = image_widget(), image_widget()
+        self.ylims = []  # the charts' y limits (shared), as drawn
         self.table = W.HTML()
         panes = [W.VBox([W.HTML(f"<b>{html.escape(names[0])}</b>"), self.left])]
         if other is not None:
@@ -32,11 +34,11 @@ class LayerSummary(View):
     def refresh(self):
         d = self.session._need_dissection()
         m = self.min_iou.value
-        self.left.value = figure_png(interpretable_units_figure(d, min_iou=m))
-        rows = [(self.names[0], d)]
-        if self.other is not None:
-            self.right.value = figure_png(interpretable_units_figure(self.other, min_iou=m))
-            rows.append((self.names[1], self.other))
+        rows = [(self.names[0], d)] + ([(self.names[1], self.other)] if self.other is not None else [])
+        figs = interpretable_units_figures([dd for _, dd in rows], min_iou=m)
+        self.ylims = [f.axes[0].get_ylim() for f in figs]
+        for image, fig in zip((self.left, self.right), figs):
+            image.value = figure_png(fig)
         head = "<tr><th>model</th><th>layer</th><th>interpretable</th><th>concepts</th></tr>"
         body = "".join(
             f"<tr><td>{html.escape(n)}</td><td>{html.escape(l)}</td><td>{int(dd.interpretable(l, m).sum())}/"
