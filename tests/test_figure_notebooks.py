@@ -71,6 +71,13 @@ def test_teaching_notebook(world, tmp_path):
     assert len(views) >= 4  # browser, ranking, ablation, paint
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert text.count("No answer yet") == 6 and "Exercise 6." in text
+    # the figure cells (activation maps, threshold histogram) show pictures, not "<Figure size ...>"
+    for marker in ("image_grid_figure(", "unit_histogram_figure(maps"):
+        cell = next(c for c in nb.cells if c.cell_type == "code" and marker in c.source)
+        pictures = [o for o in cell.outputs if o.get("data", {}).get("image/png")]
+        assert pictures, f"the cell with {marker} shows no picture: {cell.outputs}"
+        assert not any("<Figure size" in o.get("data", {}).get("text/plain", "") and "image/png" not in o.get("data", {})
+                       for o in cell.outputs)
 
 
 # -- the exercise checker, on the planted world where the answers are known ---------------------

@@ -197,13 +197,16 @@ class _Session:
 def test_layer_summary_draws_both_models_on_one_y_range():
     from gandissect_widgets.widgets.summary import LayerSummary
     w = LayerSummary(_Session(TRAINED), other=UNTRAINED, names=("trained", "untrained"))
+    assert w.wait()
     assert w.left.value[:4] == b"\x89PNG" and w.right.value[:4] == b"\x89PNG"
     assert len(w.ylims) == 2 and w.ylims[0] == w.ylims[1]
     assert w.ylims == [f.axes[0].get_ylim() for f in F.interpretable_units_figures([TRAINED, UNTRAINED])]
     loose = w.ylims[0]
     w.min_iou.value = 0.12  # fewer units: a lower shared top
+    assert w.wait()
     assert w.ylims[0] == w.ylims[1] and w.ylims[0][1] < loose[1]
-    assert len(LayerSummary(_Session(TRAINED)).ylims) == 1
+    one = LayerSummary(_Session(TRAINED))
+    assert one.wait() and len(one.ylims) == 1
 
 
 def test_unit_iou_cut_off_is_labelled_and_ranking_legend_says_selected():

@@ -81,11 +81,12 @@ def test_ranking_selects_and_sends(session):
     assert r.chosen()[0] == 2 and len(r.chosen()) == 3
     second = r.ranked()[1]
     r.units.value = (2, second)  # clicking in the list
+    assert r.wait() and r.highlighted == {2, second}
     chart = bytes(r.chart.value)
     r.send_selection()
     assert session.selection == tuple(sorted((2, second))) and session.concept == "blue"
     r.units.value = (2,)
-    assert h(r.chart.value) != h(chart)  # the highlighted bars changed
+    assert r.wait() and h(r.chart.value) != h(chart)  # the highlighted bars changed
     r.metric.value = "ACE"
     assert r.last_error is not None and "compute ACE" in str(r.last_error)
     r.run_ace()
@@ -171,11 +172,13 @@ def test_layer_summary_and_dashboard(session):
     other = gw.dissect(gw.load_generator("planted", concepts=2), gw.load_segmenter("planted", concepts=4),
                        ["layer1"], n_samples=100, progress=False)
     l = LayerSummary(session, other=other, names=("four", "two"))
+    assert l.wait()
+    assert l.ylims[0] == l.ylims[1]  # one y range for both models
     assert l.left.value[:4] == b"\x89PNG" and l.right.value[:4] == b"\x89PNG"
     assert "four" in l.table.value and "two" in l.table.value
     before = h(l.left.value)
     l.min_iou.value = 0.99
-    assert h(l.left.value) != before
+    assert l.wait() and h(l.left.value) != before
     tab = dashboard(session)
     assert len(tab.children) == 5
 
@@ -270,3 +273,176 @@ def test_insertion_strength_is_shared_and_rerenders_only_insertions(session):
     for bad in (0, -1, "lots", 1000):
         with pytest.raises(ValueError, match="strength"):
             session.update(strength=bad)
+
+
+# -- what a user meets: progress, cancel, stroke modes, reuse, hostile labels ---------------------
+
+def test_first_insertion_shows_progress_and_computes_every_concept_once():
+    s = gw.Session(gw.load_generator("planted"), gw.load_segmenter("planted"), samples=range(4))
+    s.dissect(["layer1", "layer2"], n_samples=100, progress=False)
+    s.update(concept="red", layer="layer1", selection=[0])
+    a = AblationPanel(s)
+    assert a.wait()
+    seen = []
+    show = a._progress
+    a._progress = lambda task, done, total, desc: (seen.append((done, total, desc, a.progress_line.layout.display)),
+                                                   show(task, done, total, desc))
+    assert not s.insertion_ready("layer1")
+    before = h(a.editeds)
+    s.update(mode="insert")
+    assert a.wait() and a.last_error is None
+    assert h(a.editeds) != before
+    assert seen and seen[-1][0] == seen[-1][1] and "insertion values" in seen[0][2]
+    assert "layer1" in seen[0][2] and "layer2" in seen[0][2]  # every dissected layer in the same pass
+    assert a.progress_line.layout.display == "none"  # gone once done
+    assert s.insertion_ready("layer1") and s.insertion_ready("layer2")
+    # another concept, another layer: no second pass
+    seen.clear()
+    s.update(concept="green")
+    s.update(layer="layer2", selection=[1])
+    assert a.wait() and a.last_error is None and not seen
+
+
+def test_insertion_values_of_all_concepts_match_one_concept_at_a_time():
+    import torch
+    from gandissect_widgets.engine.interventions import InsertionValues
+    G, S = gw.load_generator("planted"), gw.load_segmenter("planted")
+    iv = InsertionValues(G, S, n_samples=20, seed=0, batch_size=6)
+    steps = []
+    iv.prepare(["layer1", "layer2"], progress=lambda d, t, desc: steps.append((d, t)))
+    assert steps == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+    z = G.sample_z(20, 0)
+    with gw.TraceDict(G, ["layer1", "layer2"]) as tr:
+        x = G(z)
+    seg = S(x)
+    for layer in ("layer1", "layer2"):
+        r = tr[layer].output
+        for c, name in enumerate(S.labels):
+            present = (seg == c).float()[:, None]
+            w = torch.nn.functional.adaptive_avg_pool2d(present, r.shape[-2:])
+            if c == 0 or w.sum() == 0:
+                if c > 0:
+                    with pytest.raises(ValueError, match="never appears"):
+                        iv(layer, name)
+                continue
+            torch.testing.assert_close(iv(layer, name), (r * w).sum((0, 2, 3)) / w.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_cancel_stops_long_work_and_keeps_nothing():
+    import threading
+    from gandissect_widgets.engine.progress import Cancelled
+    s = gw.Session(gw.load_generator("planted"), gw.load_segmenter("planted"), samples=range(4))
+    s.dissect(["layer1"], n_samples=100, progress=False)
+    s.update(concept="blue", layer="layer1")
+    r = IouRanking(s)
+    started = threading.Event()
+    show = r._progress
+    r._progress = lambda task, done, total, desc: (started.set(), show(task, done, total, desc))
+    unit_ace = s.unit_ace
+
+    def slow(*args, progress=None, **kw):  # a step that takes its time, as every unit of a big layer does
+        def report(done, total, desc):
+            progress(done, total, desc)
+            started.wait(5)
+            threading.Event().wait(0.05)
+        return unit_ace(*args, progress=report, **kw)
+    s.unit_ace = slow
+    r.run_ace("full")
+    assert started.wait(30)
+    r.cancel_button.click()
+    assert r.wait(60)
+    assert ("layer1", "blue") not in s.ace and r.last_error is None
+    assert "cancelled" in r.status.value and r.progress_line.layout.display == "none"
+    with pytest.raises(Cancelled):  # the engine side: a callback that raises stops it
+        unit_ace("layer1", "blue", n_samples=4, progress=lambda d, t, desc: (_ for _ in ()).throw(Cancelled(desc)))
+    s.unit_ace = unit_ace
+    r.run_ace("quick")
+    assert r.wait(60) and ("layer1", "blue") in s.ace and r.metric.value == "ACE"
+    assert r.highlighted == frozenset(r.chosen()) and r.chosen()  # still highlighted after switching
+
+
+def test_each_stroke_keeps_the_mode_concept_and_layer_it_started_with(session):
+    p = PaintWidget(session, sample=2, scale=4)
+    assert p.wait()
+    p.mode.click("draw")
+    p.concept.value = "green"
+    p.mouse_down(20, 20)
+    p.mode.click("erase")  # changed while the stroke is drawn: the stroke keeps "draw"
+    p.concept.value = "blue"
+    p.layer.value = "layer2"
+    p.mouse_move(30, 30)
+    p.mouse_up(30, 30)
+    assert p.wait() and p.last_error is None
+    st = p.strokes[-1]
+    assert (st.mode, st.concept, st.layer) == ("draw", "green", "layer1")
+    assert session.concept == "red"  # the brush's concept is the paint widget's own
+    p.reset()
+    # five blocks of ten rapid strokes, switching mode between blocks, as a user clicks them
+    clicked = []
+    for block in range(5):
+        mode = "draw" if block % 2 == 0 else "erase"
+        p.mode.click(mode)
+        for i in range(10):
+            x, y = 8 + 12 * i, 10 + 20 * block
+            p.mouse_down(x, y)
+            p.mouse_move(x + 4, y + 2)
+            p.mouse_up(x + 4, y + 2)
+            clicked.append(mode)
+    assert p.wait(120) and p.last_error is None
+    assert [st.mode for st in p.strokes] == clicked
+    fresh = session.images([p.sample.value], p.interventions())[0]
+    assert np.array_equal(p._image, fresh)
+    assert h(p.result.value) == h(p.picture.value)
+
+
+def test_views_reuse_their_widgets():
+    import ipywidgets
+    from ipywidgets.widgets.widget import _instances
+    s = gw.Session(gw.load_generator("planted"), gw.load_segmenter("planted"), samples=range(4))
+    s.dissect(["layer1", "layer2"], n_samples=100, progress=False)
+    s.update(concept="red", layer="layer1")
+    views = [UnitBrowser(s, per_page=4), IouRanking(s), AblationPanel(s), PaintWidget(s), LayerSummary(s)]
+    for v in views:
+        assert v.wait()
+
+    def churn(i):
+        s.update(concept=s.concepts()[i % 5], layer=("layer1", "layer2")[i % 2], selection=[i % 7, (3 * i) % 11])
+        views[0].page.value = i % 4
+        if i % 10 == 0:  # the detail and the summary's charts cost most: fewer of those
+            views[0].click(i % 16)
+            views[4].min_iou.value = 0.01 * (i % 9)
+        for v in views:
+            assert v.wait()
+    for i in range(10):
+        churn(i)
+    count = len(_instances)
+    for i in range(100):  # refreshes of every view (pages, concepts, layers, selections, details, charts)
+        churn(i)
+    assert len(_instances) <= count, f"{len(_instances) - count} widgets more after 100 refreshes"
+    assert isinstance(views[0], ipywidgets.VBox)
+
+
+def test_hostile_labels_reach_no_view_as_html():
+    import ipywidgets
+    from gandissect_widgets.segmenters.planted import PlantedSegmenter
+
+    class Hostile(PlantedSegmenter):
+        def __init__(self):
+            super().__init__(4)
+            self.labels = ["-", "<img src=x onerror=alert(1)>", "<b>red</b>", "green&amp;", "blue", "yellow"]
+    s = gw.Session(gw.load_generator("planted"), Hostile(), samples=range(4))
+    s.dissect(["layer1"], n_samples=60, progress=False)
+    s.update(concept="<b>red</b>", layer="layer1", selection=[0])
+    views = [UnitBrowser(s, per_page=4), IouRanking(s), AblationPanel(s), PaintWidget(s), LayerSummary(s)]
+    views[0].click(0)
+    views[0].click(int(np.argmax(s.dissection.iou("layer1")[:, 1])))
+    for v in views:
+        assert v.wait() and v.last_error is None
+
+    def html_of(w):
+        if isinstance(w, ipywidgets.Box):
+            return "".join(html_of(c) for c in w.children)
+        return w.value if isinstance(w, (ipywidgets.HTML, ipywidgets.HTMLMath)) else ""
+    markup = "".join(html_of(v) for v in views)
+    assert "<img" not in markup and "<b>red</b>" not in markup
+    assert "&lt;b&gt;red&lt;/b&gt;" in markup  # shown, as text

@@ -18,6 +18,7 @@ __all__ = ["View", "ChoiceButtons", "image_widget", "strength_slider", "pixels",
 
 BUSY_AFTER = 0.15  # seconds before "rendering..." shows
 SNAPSHOT_WAIT = 10.0  # seconds a display waits for the first render, for its static picture
+BUSY_TEXT = '<span class="gd-muted">rendering…</span>'
 PROGRESS_EVERY = 0.1  # seconds between updates of a progress line
 
 
@@ -113,7 +114,8 @@ class View(W.VBox):
         self.last_error = None
         self._busy_since = None
         self._task = None
-        self.worker = LatestWins(on_error=self._show_error, on_busy=self._set_busy, name=type(self).__name__)
+        self._lanes: dict[str, LatestWins] = {}
+        self.worker = self._lane("main")
         style = W.HTML(f"<style>{stylesheet()}</style>", layout=W.Layout(display="none"))
         super().__init__(children=[style] + list(children) + [self.progress_line, self.status], **kwargs)
         self.add_class("gandissect-view")
@@ -125,13 +127,13 @@ class View(W.VBox):
 
             def show():
                 if self._busy_since == since and self.last_error is None:
-                    self.status.value = '<span style="color:#777">rendering…</span>'
+                    self.status.value = BUSY_TEXT
             timer = threading.Timer(BUSY_AFTER, show)
             timer.daemon = True
             timer.start()
         else:
             self._busy_since = None
-            if self.last_error is None:
+            if self.status.value == BUSY_TEXT:  # a message (an error, "cancelled") stays
                 self.status.value = ""
 
     @property
@@ -151,15 +153,24 @@ class View(W.VBox):
         self.last_error = None
         self.status.value = ""
 
-    def run(self, job, done=None, progress: bool = False):
-        """Run ``job`` off the comm thread; ``done(result)`` if it is still the latest.
+    def _lane(self, name: str) -> LatestWins:
+        if name not in self._lanes:
+            self._lanes[name] = LatestWins(on_error=self._show_error, on_busy=self._set_busy,
+                                           name=f"{type(self).__name__}-{name}")
+        return self._lanes[name]
+
+    def run(self, job, done=None, progress: bool = False, lane: str = "main"):
+        """Run ``job`` off the comm thread; ``done(result)`` if it is still the latest of its
+        ``lane`` (a view draws its charts in a lane of their own, so that redrawing one does not
+        drop the result of a long computation in the main lane).
 
         ``progress=True``: ``job(report)`` gets the engine's progress callback (see
         ``engine.progress``): long work shows done/total and the time left in the view's progress
         line, and its cancel button stops it (the callback raises ``Cancelled``)."""
         self.clear_error()
+        worker = self._lane(lane)
         if not progress:
-            return self.worker.submit(job, done)
+            return worker.submit(job, done)
         task = _Task(self)
 
         def tracked():
@@ -168,7 +179,7 @@ class View(W.VBox):
                 return job(task.report)
             finally:
                 task.finish()
-        return self.worker.submit(tracked, done)
+        return worker.submit(tracked, done)
 
     def cancel(self):
         """Stop the long computation in flight (what the cancel button does)."""
@@ -185,7 +196,14 @@ class View(W.VBox):
         return wrapped
 
     def wait(self, timeout=60.0):
-        return self.worker.wait(timeout)
+        """Block until every lane is idle (tests and scripts); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lanes = list(self._lanes.values())
+            if not all(w.wait(max(0.0, deadline - time.monotonic())) for w in lanes):
+                return False
+            if all(w.idle() for w in self._lanes.values()):  # none started another meanwhile
+                return True
 
     def _progress(self, task, done, total, desc):
         """Show a task's progress (called from the worker thread, at most every PROGRESS_EVERY s)."""
@@ -209,7 +227,7 @@ class View(W.VBox):
     def snapshot_png(self, timeout: float = SNAPSHOT_WAIT) -> bytes | None:
         """PNG of what the view shows now (its images, laid out like the view), after the
         render in flight; None before anything was rendered."""
-        if not self.worker.on_worker_thread():
+        if not any(w.on_worker_thread() for w in self._lanes.values()):
             self.wait(timeout)
         return snapshot_png(self)
 

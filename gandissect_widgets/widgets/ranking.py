@@ -90,14 +90,18 @@ class IouRanking(View):
         return tuple(self.units.value)
 
     def _draw(self):
+        """Redraw the chart off the comm thread (matplotlib takes a few tenths of a second)."""
         try:
             sc = self.scores()
         except ValueError:
             return
         order = self.ranked()[:self.shown]
-        self.highlighted = frozenset(self.units.value)
-        fig = ranking_figure(sc, order, set(self.highlighted), self.concept.value, self.metric.value)
-        self.chart.value = figure_png(fig)
+        selected, concept, metric = frozenset(self.units.value), self.concept.value, self.metric.value
+
+        def shown(png):
+            self.chart.value = png
+            self.highlighted = selected
+        self.run(lambda: figure_png(ranking_figure(sc, order, set(selected), concept, metric)), shown, lane="chart")
 
     def send_selection(self):
         s = self.session

@@ -7,7 +7,7 @@ import html
 import ipywidgets as W
 
 from gandissect_widgets.report.figures import interpretable_units_figures
-from gandissect_widgets.widgets.base import View, image_widget
+from gandissect_widgets.widgets.base import View, caption, image_widget, row
 from gandissect_widgets.widgets.encode import figure_png
 
 __all__ = ["LayerSummary"]
@@ -19,29 +19,45 @@ class LayerSummary(View):
     def __init__(self, session, other=None, names=("this model", "other")):
         self.other, self.names = other, names
         self.min_iou = W.FloatSlider(value=0.04, min=0.0, max=0.3, step=0.01, description="min IoU",
-                                     continuous_update=False, readout_format=".2f")
+                                     continuous_update=False, readout_format=".2f", layout=W.Layout(width="320px"))
         self.left, self.right = image_widget(), image_widget()
+        for chart in (self.left, self.right):
+            chart.add_class("gd-chart")
         self.ylims = []  # the charts' y limits (shared), as drawn
         self.table = W.HTML()
-        panes = [W.VBox([W.HTML(f"<b>{html.escape(names[0])}</b>"), self.left])]
+        panes = [W.VBox([caption(names[0]), self.left])]
         if other is not None:
-            panes.append(W.VBox([W.HTML(f"<b>{html.escape(names[1])}</b>"), self.right]))
-        super().__init__(session, [self.min_iou, W.HBox(panes), self.table])
+            panes.append(W.VBox([caption(names[1]), self.right]))
+        super().__init__(session, [self.min_iou, row(panes), self.table])
+        self.add_class("gd-summary")
+        session._need_dissection()
         self.min_iou.observe(self.safely(lambda ch: self.refresh()), names="value")
         session.observe(lambda *a: self.refresh(), names=["dissection"])
         self.refresh()
 
     def refresh(self):
+        """Redraw the charts and the table, off the comm thread."""
         d = self.session._need_dissection()
         m = self.min_iou.value
         rows = [(self.names[0], d)] + ([(self.names[1], self.other)] if self.other is not None else [])
+        self.run(lambda: self._draw(rows, m), self._show)
+
+    def _draw(self, rows, m):
         figs = interpretable_units_figures([dd for _, dd in rows], min_iou=m)
-        self.ylims = [f.axes[0].get_ylim() for f in figs]
-        for image, fig in zip((self.left, self.right), figs):
-            image.value = figure_png(fig)
+        return [f.axes[0].get_ylim() for f in figs], [figure_png(f) for f in figs], self._table(rows, m)
+
+    def _show(self, parts):
+        self.ylims, pngs, table = parts
+        with self.hold_sync():
+            for image, png in zip((self.left, self.right), pngs):
+                image.value = png
+            self.table.value = table
+
+    @staticmethod
+    def _table(rows, m):
         head = "<tr><th>model</th><th>layer</th><th>interpretable</th><th>concepts</th></tr>"
         body = "".join(
             f"<tr><td>{html.escape(n)}</td><td>{html.escape(l)}</td><td>{int(dd.interpretable(l, m).sum())}/"
             f"{len(dd.thresholds(l))}</td><td>{len(dd.concept_counts(l, m))}</td></tr>"
             for n, dd in rows for l in dd.layers)
-        self.table.value = f"<table style='font-size:12px'>{head}{body}</table>"
+        return f"<table style='font-size:12px'>{head}{body}</table>"

@@ -67,6 +67,10 @@ class LatestWins:
         """Whether the caller runs inside a job (it must not wait for itself)."""
         return threading.current_thread() is self._thread
 
+    def idle(self) -> bool:
+        with self._cv:
+            return self._pending is None and not self._running
+
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until no job is pending or running (tests and scripts)."""
         with self._cv:
