@@ -1,11 +1,13 @@
 """Latency from a state change to the new image bytes, for the ablation panel and the paint canvas.
 
     python benchmarks/widget_latency.py [--generator sceneworld] [--layer layer4] [--samples 8] [--device cpu]
+                                        [--fresh 5] [--repeats 30]
 
-Toggling: a unit is switched in the ablation panel (session state change) and the clock stops
-when the edited strip's PNG bytes are set.  Painting: a stroke's mouse-up until the result bytes
-are set.  Prints medians and 90th percentiles over repeated toggles/strokes (target: median <= 100 ms
-for 8 default-world samples on a 2-core CPU).
+First insertion: in a fresh Session (insertion values not computed yet), switching the ablation
+panel to "insert", and a first paint stroke with a concept never used before, until the edited
+pictures are set; the progress line must show meanwhile (targets: median <= 2 s on an idle 2-core
+CPU).  Steady state: a unit toggled in the ablation panel (target median <= 60 ms) and a stroke's
+mouse-up (<= 30 ms), until the new PNG bytes are set.  Prints medians and 90th percentiles.
 """
 import argparse
 import os
@@ -22,15 +24,15 @@ import gandissect_widgets as gw  # noqa: E402
 from gandissect_widgets.widgets import AblationPanel, PaintWidget  # noqa: E402
 
 
-def stamp_when_shown(view):
-    """Record when the view's new image bytes have been set (its _show callback returned)."""
+def stamp_when_shown(view, name="_show"):
+    """Record when the view's new image bytes have been set (its ``name`` callback returned)."""
     stamps = []
-    show = view._show
+    show = getattr(view, name)
 
     def timed(parts):
         show(parts)
         stamps.append(time.perf_counter())
-    view._show = timed
+    setattr(view, name, timed)
     return stamps
 
 
@@ -42,14 +44,16 @@ def main():
     p.add_argument("--concept", default="building")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--fresh", type=int, default=5, help="fresh sessions for the first-insertion figures")
     p.add_argument("--dissect-samples", type=int, default=300)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     G = gw.load_generator(a.generator, device=a.device)
     S = gw.load_segmenter(a.segmenter or a.generator, device=a.device)
-    layer = a.layer or [n for n, _ in G.named_children() if n.startswith("layer")][3]
+    names = [n for n, _ in G.named_children() if n.startswith("layer")]
+    layer = a.layer or names[3]
     s = gw.Session(G, S, device=a.device, samples=range(a.samples))
-    s.dissect([layer], n_samples=a.dissect_samples, progress=False,
+    s.dissect(list(dict.fromkeys([layer, names[5]])), n_samples=a.dissect_samples, progress=False,
               cache_dir=os.path.expanduser("~/.cache/gandissect-widgets/bench"))
     concept = a.concept if a.concept in s.labels else s.concepts()[0]
     s.update(concept=concept, layer=layer)
@@ -57,20 +61,78 @@ def main():
     print(f"device: {a.device} ({dev}); torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"generator {a.generator} {tuple(s.render([0]).shape[1:])}, layer {layer}, {a.samples} samples")
 
+    print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1, 5, 15 min)")
+    first_insertions(a, G, S, s.dissection, layer, concept)
+    steady(a, s, layer, concept)
+
+
+def progress_seen(view):
+    """Count the progress reports the view shows."""
+    seen = []
+    show = view._progress
+    view._progress = lambda *args: (seen.append(args[1:]), show(*args))
+    return seen
+
+
+def fresh_session(a, G, S, dissection, concept):
+    s = gw.Session(G, S, device=a.device, samples=range(a.samples))
+    s.set_dissection(dissection)
+    s.update(concept=concept)
+    return s
+
+
+def first_insertions(a, G, S, dissection, layer, concept):
+    toggles, strokes, shown = [], [], []
+    paint_layer = dissection.layers[-1]
+    other = next((c for c in ("tree", "window", "door") if c in S.labels and c != concept),
+                 [c for c in S.labels[1:] if c != concept][0])
+    for _ in range(a.fresh):
+        s = fresh_session(a, G, S, dissection, concept)
+        s.update(layer=layer, selection=s.top_units(layer, concept, 10))
+        panel = AblationPanel(s)
+        panel.wait()
+        stamps, seen = stamp_when_shown(panel), progress_seen(panel)
+        t0 = time.perf_counter()
+        s.update(mode="insert")
+        panel.wait(300)
+        toggles.append(stamps[-1] - t0)
+        shown.append(bool(seen))
+        s = fresh_session(a, G, S, dissection, concept)
+        paint = PaintWidget(s, sample=3, layer=paint_layer)
+        paint.wait()
+        paint.concept.value = other  # a concept never used before in this session
+        stamps, seen = stamp_when_shown(paint), progress_seen(paint)
+        H, W = paint.size
+        paint.mouse_down(W * paint.scale * 0.3, H * paint.scale * 0.7)
+        paint.mouse_move(W * paint.scale * 0.6, H * paint.scale * 0.7)
+        t0 = time.perf_counter()
+        paint.mouse_up(W * paint.scale * 0.6, H * paint.scale * 0.7)
+        paint.wait(300)
+        strokes.append(stamps[-1] - t0)
+        shown.append(bool(seen))
+    print(f"first insert toggle (fresh session, {layer}, {concept}) -> edited pictures: "
+          f"median {np.median(toggles):.2f} s, max {max(toggles):.2f} s (n={len(toggles)})")
+    print(f"first paint stroke with a new concept (fresh session, {paint_layer}, {other}) -> result: "
+          f"median {np.median(strokes):.2f} s, max {max(strokes):.2f} s (n={len(strokes)})")
+    print(f"progress line shown during {sum(shown)} of {len(shown)} first insertions")
+
+
+def steady(a, s, layer, concept):
     panel = AblationPanel(s)
     panel.wait()
     top = s.top_units(layer, concept, 20)
-    stamps = stamp_when_shown(panel)
-    times = []
+    stamps, counted = stamp_when_shown(panel), stamp_when_shown(panel, "_show_stats")
+    times, stats = [], []
     for i in range(a.repeats + 3):
         t0 = time.perf_counter()
         panel.toggle(top[i % len(top)])
         panel.wait()
         if i >= 3:
             times.append(stamps[-1] - t0)
-    ms = np.array(times) * 1000
-    print(f"toggle ablation -> edited strip bytes: median {np.median(ms):.1f} ms, p90 {np.percentile(ms, 90):.1f} ms "
-          f"(n={len(ms)})")
+            stats.append(counted[-1] - t0)
+    ms, sms = np.array(times) * 1000, np.array(stats) * 1000
+    print(f"toggle ablation -> edited pictures: median {np.median(ms):.1f} ms, p90 {np.percentile(ms, 90):.1f} ms "
+          f"(n={len(ms)}); -> the pixel count line after them: median {np.median(sms):.1f} ms")
 
     paint = PaintWidget(s, sample=0)
     paint.wait()

@@ -152,7 +152,9 @@ class AblationPanel(View):
                  progress=True)
 
     def compute(self, layer, samples, units, mode, concept, progress=False):
-        """(original PNGs, edited PNGs, difference PNGs, stats html), one PNG per sample."""
+        """(original PNGs, edited PNGs, difference PNGs, display size, how to count the change):
+        one PNG per sample; the pictures show first, the count of the concept's pixels (a
+        segmenter pass) follows as a job of its own."""
         s = self.session
         key = (layer, samples, concept)
         enc = lambda a: [encode_image(x, "png", self.scale) for x in a]
@@ -163,22 +165,26 @@ class AblationPanel(View):
         _, orig, p0, orig_png = self._base
         if units:
             x1 = s.render(samples, [s.intervention(layer, units, mode, concept, progress=progress)])
-            edited, p1 = to_uint8(x1), s.presence(x1, concept)
+            edited = to_uint8(x1)
             edited_png = enc(edited)
         else:
-            edited, p1, edited_png = orig, p0, orig_png
+            x1, edited, edited_png = None, orig, orig_png
         H, W_ = orig.shape[1:3]
-        d = float(np.mean(p1 - p0))
         how = f"insert (x{s.strength:g})" if mode == "insert" else mode
-        stats = (f"{how} {len(units)} unit(s) of {html.escape(layer)}: <b>{html.escape(concept)}</b> pixels "
-                 f"{100 * np.mean(p0):.2f}% → {100 * np.mean(p1):.2f}% "
-                 f"(<b>{'+' if d >= 0 else ''}{100 * d:.2f}</b> points; "
-                 f"{int(round(np.sum(p1 - p0) * H * W_)):+d} pixels over {len(samples)} samples)")
-        side = (W_ * self.scale, H * self.scale)
-        return orig_png, edited_png, enc(difference(orig, edited, DIFFERENCE_GAIN)), stats, side
+        count = lambda: self._stats(x1, p0, concept, f"{how} {len(units)} unit(s) of {layer}", H * W_)
+        return orig_png, edited_png, enc(difference(orig, edited, DIFFERENCE_GAIN)), (W_ * self.scale, H * self.scale), count
+
+    def _stats(self, x1, p0, concept, what, pixels_per_image):
+        """The stats line: the concept's share of pixels before and after the edit."""
+        p1 = p0 if x1 is None else self.session.presence(x1, concept)
+        d = float(np.mean(p1 - p0))
+        return (f"{html.escape(what)}: <b>{html.escape(concept)}</b> pixels "
+                f"{100 * np.mean(p0):.2f}% → {100 * np.mean(p1):.2f}% "
+                f"(<b>{'+' if d >= 0 else ''}{100 * d:.2f}</b> points; "
+                f"{int(round(np.sum(p1 - p0) * pixels_per_image)):+d} pixels over {len(p0)} samples)")
 
     def _show(self, parts):
-        orig, edited, diff, stats, side = parts
+        orig, edited, diff, side, count = parts
         n = len(orig)
         while len(self._cells) < n:
             pics = [pixels(image_widget(), *side) for _ in ROWS]
@@ -195,7 +201,10 @@ class AblationPanel(View):
                             w.value = v
             if len(self.columns.children) != len(self._cells) + 1:
                 self.columns.children = [self._labels] + [c[0] for c in self._cells]
-            self.stats.value = stats
+        self.run(count, self._show_stats)  # a newer toggle drops it
+
+    def _show_stats(self, text):
+        self.stats.value = text
 
 
 
