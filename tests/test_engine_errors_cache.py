@@ -70,7 +70,7 @@ def test_bad_input_clear_errors_no_files(tmp_path, make, match):
 def test_error_leaves_no_result(tmp_path):
     with pytest.raises(ValueError):
         run(S=OutOfRangeSegmenter(), cache_dir=tmp_path)
-    assert not any(f.endswith("dissect.json") or f.endswith("arrays.npz") for f in files_under(tmp_path))
+    assert not any(f.endswith("dissect.json") or f.endswith(".npz") for f in files_under(tmp_path))
 
 
 def test_segmenter_without_labels():
@@ -158,7 +158,8 @@ def test_save_load_roundtrip_and_tamper(tmp_path):
     e = gw.Dissection.load(tmp_path / "out")
     assert_same(d, e)
     assert e.labels == d.labels and e.settings["n_samples"] == 40
-    with open(tmp_path / "out" / "arrays.npz", "ab") as f:
+    arrays_file = json.load(open(tmp_path / "out" / "dissect.json"))["arrays"]["file"]
+    with open(tmp_path / "out" / arrays_file, "ab") as f:
         f.write(b"x")
     with pytest.raises(ValueError, match="does not match"):
         gw.Dissection.load(tmp_path / "out")
@@ -178,7 +179,7 @@ def test_cli_dissect_and_layers(tmp_path, capsys):
     assert set(units[0]) == {"unit", "label", "iou", "threshold", "interpretable"}
     assert units[0]["label"] == "red" and units[0]["interpretable"] and units[0]["iou"] > 0.9
     assert doc["layers"][0]["top_units"]["green"][0]["unit"] == 1
-    assert (out / "arrays.npz").exists()
+    assert (out / doc["arrays"]["file"]).exists()
     d = gw.Dissection.load(out)
     assert d.unit_labels("layer1")[:4] == ["red", "green", "blue", "yellow"]
     capsys.readouterr()

@@ -1,9 +1,18 @@
 """``Dissection``: the result of ``dissect()``, with documented shapes, saved and loaded whole.
 
 On disk a dissection is two files in one directory: ``dissect.json`` (settings, labels and a
-per-unit summary; the schema is in the README) and ``arrays.npz`` (the arrays below, keyed
-``"<layer>/<name>"``).  The JSON records the SHA-256 of the arrays file, so a mismatched pair is
-refused on load.  Both are written atomically, arrays first.
+per-unit summary; the schema is in the README) and ``arrays-<hash>.npz`` (the arrays below, keyed
+``"<layer>/<name>"``).  ``dissect.json`` is the manifest of the result: ``arrays`` names the arrays
+file (a plain file name inside the directory) with its SHA-256, and ``document_sha256`` is the
+SHA-256 of the document itself (its JSON with sorted keys and no spaces, without that field), so
+an edited or damaged ``dissect.json`` or arrays file is refused on load (``ResultError``).
+
+Saving switches the directory from the old complete result to the new one in one step, or not at
+all: the new arrays go to a file of their own name (``arrays-<first 16 hex of its SHA-256>.npz``),
+then ``dissect.json`` is replaced atomically (``os.replace``), then the old arrays file is removed.
+A failed save (a full disk) leaves the earlier result loading as it was, removes what it wrote, and
+raises ``ResultSaveError`` (an ``OSError``).  Results of format version 1 (``arrays.npz``, no
+document hash) still load, with a ``LegacyResultWarning`` that edits to their JSON go unnoticed.
 
 Per layer (U units, C = len(labels) concepts, k top samples):
     iou            (U, C) float64  dataset-level IoU; column 0 (unlabeled) is 0
@@ -20,20 +29,97 @@ Per layer (U units, C = len(labels) concepts, k top samples):
 """
 from __future__ import annotations
 
+import errno as _errno
+import io
 import json
 import os
+import re
+import stat
+import warnings
 
 import numpy as np
 
-from gandissect_widgets.engine.io import atomic_save_npz, atomic_write_json, sha256_file
+from gandissect_widgets.engine.io import (atomic_write_bytes, describe_os_error, fsync_dir, json_bytes, json_clean,
+                                          sha256_bytes, sha256_file)
 
-__all__ = ["Dissection", "DEFAULT_MIN_IOU", "FORMAT"]
+__all__ = ["Dissection", "DEFAULT_MIN_IOU", "FORMAT", "ResultError", "ResultSaveError", "LegacyResultWarning"]
 
 DEFAULT_MIN_IOU = 0.04
 FORMAT = "gandissect-widgets/dissection"
-VERSION = 1
+VERSION = 2  # 2: arrays-<hash>.npz and document_sha256; 1: arrays.npz, only the arrays hashed
+MANIFEST = "dissect.json"
+_SPACE_ERRNOS = (_errno.ENOSPC, getattr(_errno, "EDQUOT", _errno.ENOSPC))
+_DOC_HASH = "document_sha256"
+_ARRAYS_NAME = re.compile(r"arrays(-[0-9a-f]{8,64})?\.npz")  # the only files a save ever removes
 _ARRAYS = ("iou", "intersection", "mask_pixels", "concept_pixels", "n_pixels", "thresholds",
            "fraction_above", "topk_indices", "topk_values", "mean", "std", "min", "max", "shape")
+
+
+class ResultError(ValueError):
+    """A saved result that cannot be used as it is: edited, damaged, incomplete or pointing outside itself."""
+
+
+class ResultSaveError(OSError):
+    """A save that did not happen (a full disk, no permission); the directory holds what it held before."""
+
+    def __init__(self, message, errno=None, directory=None):
+        super().__init__(message)
+        self.errno = errno
+        self.directory = directory
+
+
+class LegacyResultWarning(UserWarning):
+    """A result saved by an older version, loaded without checking its JSON (it records no hash of it)."""
+
+
+def document_hash(doc: dict) -> str:
+    """SHA-256 of a result document without its ``document_sha256`` field (sorted keys, no spaces)."""
+    body = {k: v for k, v in doc.items() if k != _DOC_HASH}
+    return sha256_bytes(json.dumps(json_clean(body), sort_keys=True, separators=(",", ":"),
+                                   allow_nan=False, ensure_ascii=True).encode())
+
+
+def _recompute_hint(directory) -> str:
+    return (f"recompute it (delete {directory} and run the dissection again, or save the Dissection there "
+            f"again) or restore the original files")
+
+
+def result_file(directory, name, manifest=MANIFEST) -> str:
+    """``directory/name`` after checking that ``name`` is a plain file inside ``directory`` (``ResultError``).
+
+    Refused: anything but a non-empty file name (path separators, ``.``/``..``, absolute paths), a
+    symlink leading outside the directory, and anything that is not a regular file."""
+    directory = os.fspath(directory)
+    where = os.path.join(directory, manifest)
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.isabs(name) or os.path.basename(name) != name):
+        raise ResultError(f"{where} names the file {name!r}, which is not a plain file name inside {directory} "
+                          f"(expected a name such as 'arrays-<hash>.npz', without '/', '..' or a leading '/'); "
+                          f"refusing to read outside the result directory")
+    path = os.path.join(directory, name)
+    real, real_dir = os.path.realpath(path), os.path.realpath(directory)
+    if os.path.dirname(real) != real_dir:
+        raise ResultError(f"{path} is a symlink to {real}, outside {directory}; the files of a result must be "
+                          f"plain files inside its directory")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise ResultError(f"{path}, named by {where}, is missing: the result is incomplete; "
+                          f"{_recompute_hint(directory)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ResultError(f"{path} is not a regular file; the files of a result must be plain files inside "
+                          f"its directory")
+    return path
+
+
+def _previous_arrays(directory):
+    """The arrays file named by the result now in ``directory`` (None if none, or not a name saves own)."""
+    try:
+        with open(os.path.join(directory, MANIFEST), "rb") as f:
+            name = json.loads(f.read()).get("arrays", {}).get("file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and _ARRAYS_NAME.fullmatch(name) else None
 
 
 class Dissection:
@@ -143,37 +229,109 @@ class Dissection:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory, min_iou: float = DEFAULT_MIN_IOU):
-        """Write ``directory/arrays.npz`` then ``directory/dissect.json``, each atomically."""
-        os.makedirs(directory, exist_ok=True)
-        arrays = {f"{layer}/{k}": v for layer, a in self._layers.items() for k, v in a.items()}
-        npz = os.path.join(directory, "arrays.npz")
-        atomic_save_npz(npz, arrays)
+        """Write the result to ``directory``: it switches from the result there (if any) to this one in one
+        step, or not at all (``ResultSaveError``, with the earlier result as it was and nothing left over).
+
+        Order: ``arrays-<hash>.npz`` (atomically), then ``dissect.json`` (atomically: the switch), then the
+        old arrays file is removed.  Returns ``directory``."""
+        directory = os.fspath(directory)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{f"{layer}/{k}": v for layer, a in self._layers.items() for k, v in a.items()})
+        data = buf.getvalue()
+        digest = sha256_bytes(data)
+        name = f"arrays-{digest[:16]}.npz"
         doc = self.summary(min_iou)
-        doc["arrays"] = {"file": "arrays.npz", "sha256": sha256_file(npz), "layers": self.layers}
-        atomic_write_json(os.path.join(directory, "dissect.json"), doc)
+        doc["arrays"] = {"file": name, "sha256": digest, "layers": self.layers}
+        doc = json_clean(doc)
+        doc[_DOC_HASH] = document_hash(doc)
+        text = json_bytes(doc)
+        jpath = os.path.join(directory, MANIFEST)
+        had_result = os.path.exists(jpath)
+        old = _previous_arrays(directory) if had_result else None
+        step, wrote_arrays = name, False
+        try:
+            os.makedirs(directory, exist_ok=True)
+            atomic_write_bytes(os.path.join(directory, name), data)
+            wrote_arrays = True
+            step = MANIFEST
+            atomic_write_bytes(jpath, text)  # the switch
+        except OSError as e:
+            if wrote_arrays and name != old:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
+            before = ("the result that was there is unchanged" if had_result else "nothing was saved")
+            advice = ("free some space there or save to another directory" if e.errno in _SPACE_ERRNOS
+                      else "fix that or save to another directory")
+            raise ResultSaveError(f"could not save the dissection in {directory}: {describe_os_error(e)} while "
+                                  f"writing {step}; {before}; {advice}", errno=e.errno, directory=directory) from e
+        if old is not None and old != name:
+            try:
+                os.unlink(os.path.join(directory, old))
+            except OSError:
+                pass  # the new result is complete; an old arrays file left over is harmless
+            fsync_dir(directory)
         return directory
 
     @classmethod
     def load(cls, directory) -> "Dissection":
-        jpath = os.path.join(directory, "dissect.json")
-        if not os.path.exists(jpath):
-            raise FileNotFoundError(f"no dissect.json in {directory!r}: not a saved dissection")
-        with open(jpath) as f:
-            doc = json.load(f)
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{jpath} is not a {FORMAT} file (format={doc.get('format')!r})")
-        if doc.get("version", 0) > VERSION:
-            raise ValueError(f"{jpath} has format version {doc['version']}; this package reads up to {VERSION}")
-        meta = doc["arrays"]
-        npz = os.path.join(directory, meta["file"])
-        if not os.path.exists(npz) or sha256_file(npz) != meta["sha256"]:
-            raise ValueError(f"{npz} is missing or does not match {jpath} (checksum differs)")
+        """The result saved in ``directory``, after checking every file against ``dissect.json``.
+
+        ``FileNotFoundError`` when there is no ``dissect.json``; ``ResultError`` (a ``ValueError``) when a
+        file was edited or damaged, is missing, or points outside the directory."""
+        directory = os.fspath(directory)
+        jpath = os.path.join(directory, MANIFEST)
+        if not os.path.lexists(jpath):
+            raise FileNotFoundError(f"no {MANIFEST} in {directory!r}: not a saved dissection")
+        result_file(directory, MANIFEST, manifest=MANIFEST)
+        with open(jpath, "rb") as f:
+            raw = f.read()
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:  # includes UnicodeDecodeError
+            raise ResultError(f"{jpath} is corrupt (not valid JSON: {' '.join(str(e).split())}); "
+                              f"{_recompute_hint(directory)}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            fmt = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise ResultError(f"{jpath} is not a {FORMAT} file (format={fmt!r})")
+        version = doc.get("version", 0)
+        if not isinstance(version, int) or version > VERSION:
+            raise ResultError(f"{jpath} has format version {version!r}; this package reads versions 1 to {VERSION}")
+        if version >= 2:
+            recorded, actual = doc.get(_DOC_HASH), document_hash(doc)
+            if recorded != actual:
+                raise ResultError(f"{jpath} is corrupt or was edited: its content has SHA-256 {actual}, but it "
+                                  f"records {recorded!r}; {_recompute_hint(directory)}")
+        else:
+            warnings.warn(f"{jpath} was saved by an older version (format version {version}) that records no "
+                          f"hash of the JSON itself, so edits to it cannot be detected; save it again to add one",
+                          LegacyResultWarning, stacklevel=2)
+        meta = doc.get("arrays")
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+                or not isinstance(meta.get("layers"), list) or "file" not in meta):
+            raise ResultError(f"{jpath} lacks a valid 'arrays' entry ({{\"file\", \"sha256\", \"layers\"}}); "
+                              f"{_recompute_hint(directory)}")
+        npz = result_file(directory, meta["file"])
+        actual = sha256_file(npz)
+        if actual != meta["sha256"]:
+            raise ResultError(f"{npz} is corrupt or was edited: its SHA-256 {actual} does not match the "
+                              f"{meta['sha256']} recorded in {jpath}; {_recompute_hint(directory)}")
         layers = {name: {} for name in meta["layers"]}
-        with np.load(npz, allow_pickle=False) as data:
-            for key in data.files:
-                layer, _, name = key.rpartition("/")
-                layers[layer][name] = data[key]
-        return cls(doc["labels"], layers, doc.get("settings", {}))
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                for key in data.files:
+                    layer, _, name = key.rpartition("/")
+                    if layer not in layers:
+                        raise ResultError(f"{npz} holds arrays of layer {layer!r}, which {jpath} does not list "
+                                          f"(it lists {meta['layers']}); {_recompute_hint(directory)}")
+                    layers[layer][name] = data[key]
+            return cls(doc["labels"], layers, doc.get("settings", {}))
+        except ResultError:
+            raise
+        except (ValueError, KeyError, OSError, EOFError) as e:
+            raise ResultError(f"{npz} or {jpath} does not hold a complete dissection "
+                              f"({type(e).__name__}: {' '.join(str(e).split())}); {_recompute_hint(directory)}") from e
 
     def __repr__(self):
         parts = ", ".join(f"{l}: {int(self.interpretable(l).sum())}/{self.iou(l).shape[0]} interpretable"
