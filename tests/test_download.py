@@ -83,7 +83,7 @@ def test_good_hash_then_cached(cache):
         assert open(p, "rb").read() == data and p == str(cache / "x" / "file.bin")
         assert cached_file(srv.url + "/m/file.bin", sha256=sha, subdir="x", progress=False) == p
         assert len(srv.requests) == 1  # the second call used the cache
-    assert _files_in(cache / "x") == ["file.bin"]
+    assert _files_in(cache / "x") == ["file.bin", "file.bin.sha256"]  # the file and its recorded hash
 
 
 def test_bad_hash_leaves_nothing(cache):
@@ -104,7 +104,7 @@ def test_interrupted_download_leaves_nothing_and_retry_succeeds(cache):
         assert _files_in(cache) == []
         p = cached_file(srv.url + "/big.pth", sha256=hashlib.sha256(data).hexdigest(), progress=False)
         assert open(p, "rb").read() == data
-    assert _files_in(cache) == ["big.pth"]
+    assert _files_in(cache) == ["big.pth", "big.pth.sha256"]
 
 
 def test_offline_error_names_file_url_and_place(cache):
@@ -143,4 +143,4 @@ def test_progan_by_name_downloads_and_verifies_prefix(cache, tmp_path, monkeypat
             gw.load_generator("progan", name="tampered", progress=False)
     z = G.sample_z(2, 0)
     assert torch.equal(G(z), G2(z))
-    assert _files_in(cache / "progan") == [fname]
+    assert _files_in(cache / "progan") == [fname, fname + ".sha256"]

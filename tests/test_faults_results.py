@@ -2,6 +2,7 @@
 
 1. A result names only plain files inside its directory, and dissect.json is covered by a hash too.
 2. A failed save (a full disk, at any step) leaves the earlier result loading bit for bit.
+3. Every file in the download cache is checked against a recorded SHA-256 before use.
 """
 import errno
 import hashlib
@@ -13,11 +14,15 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
+from gandissect_widgets.download import HASH_SUFFIX, DownloadError, cached_file
 from gandissect_widgets.engine import results
 from gandissect_widgets.engine.io import atomic_write_bytes, json_bytes
 from gandissect_widgets.engine.results import (Dissection, LegacyResultWarning, ResultError, ResultSaveError,
                                                document_hash)
+
+from test_download import _Server
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -466,3 +471,128 @@ def test_real_full_disk_arrays_fit_but_dissect_json_does_not(tiny_fs):
     same(old, Dissection.load(d))
     new.save(d)  # with space, the same save succeeds
     same(new, Dissection.load(d))
+
+
+# -- 3. every cached file is checked against a recorded hash -----------------------------------------
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    c = tmp_path / "cache"
+    monkeypatch.setenv("GANDISSECT_CACHE", str(c))
+    return c
+
+
+def test_unhashed_download_records_and_checks_its_hash(cache):
+    data = os.urandom(5000)
+    with _Server({"/f/labels.json": data}) as srv:
+        p = cached_file(srv.url + "/f/labels.json", subdir="s", progress=False)
+        record = open(p + HASH_SUFFIX).read()
+        assert record == f"{hashlib.sha256(data).hexdigest()}  labels.json\n"  # sha256sum format
+        assert cached_file(srv.url + "/f/labels.json", subdir="s", progress=False) == p
+        assert len(srv.requests) == 1
+        open(p, "r+b").write(b"X")  # damaged or replaced in the cache
+        with pytest.raises(DownloadError) as e:
+            cached_file(srv.url + "/f/labels.json", subdir="s", progress=False)
+        msg = one_line(e.value)
+        assert msg.startswith(f"{p} in the cache does not match its recorded SHA-256 (expected "
+                              f"{hashlib.sha256(data).hexdigest()}, actual {hashlib.sha256(open(p, 'rb').read()).hexdigest()})")
+        assert f"Delete it and {p}{HASH_SUFFIX} to download it again from {srv.url}/f/labels.json" in msg
+        assert len(srv.requests) == 1  # the wrong file was not used, nor silently replaced
+        os.unlink(p)
+        os.unlink(p + HASH_SUFFIX)
+        assert open(cached_file(srv.url + "/f/labels.json", subdir="s", progress=False), "rb").read() == data
+
+
+def test_cached_file_without_a_record_is_refused(cache):
+    (cache / "s").mkdir(parents=True)
+    p = cache / "s" / "encoder_epoch_40.pth"
+    p.write_bytes(b"put here by hand, or by an older version")
+    url = "http://127.0.0.1:9/encoder_epoch_40.pth"
+    with pytest.raises(DownloadError) as e:
+        cached_file(url, subdir="s", progress=False)
+    msg = one_line(e.value)
+    assert f"{p} is in the cache without a recorded SHA-256 ({p}{HASH_SUFFIX} is missing)" in msg
+    assert f"Delete it to download it again from {url}" in msg and f"sha256sum {p} > {p}{HASH_SUFFIX}" in msg
+    assert sorted(os.listdir(cache / "s")) == ["encoder_epoch_40.pth"]  # nothing written
+    os.system(f"sha256sum {p} > {p}{HASH_SUFFIX}")  # the user vouches for it, as the message says
+    assert cached_file(url, subdir="s", progress=False) == str(p)
+    (cache / "s" / ("encoder_epoch_40.pth" + HASH_SUFFIX)).write_text("garbage\n")
+    with pytest.raises(DownloadError, match=r"does not hold a SHA-256 \(64 hex digits\).*Delete both files"):
+        cached_file(url, subdir="s", progress=False)
+
+
+def test_hashed_name_from_an_older_cache_gets_a_record(cache):
+    data = b"weights" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    (cache / "progan").mkdir(parents=True)
+    p = cache / "progan" / f"proggan_x-{sha[:8]}.pth"
+    p.write_bytes(data)
+    assert cached_file(f"http://127.0.0.1:9/{p.name}", sha256=sha[:8], subdir="progan", progress=False) == str(p)
+    assert open(str(p) + HASH_SUFFIX).read().split()[0] == sha  # the whole hash is recorded now
+
+
+def test_download_that_cannot_be_stored_keeps_nothing(cache, monkeypatch):
+    data = os.urandom(3000)
+    real = os.replace
+
+    def full(src, dst, *a, **kw):
+        if dst.endswith(HASH_SUFFIX):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **kw)
+
+    with _Server({"/w.bin": data}) as srv:
+        monkeypatch.setattr(os, "replace", full)
+        with pytest.raises(DownloadError) as e:
+            cached_file(srv.url + "/w.bin", progress=False)
+        monkeypatch.undo()
+    msg = one_line(e.value)
+    assert "could not store it in the cache" in msg and "no space left on device" in msg and "nothing was kept" in msg
+    assert os.listdir(cache) == []
+
+
+def _upp_files(tmp_path):
+    from tiny_real import save_upp, tiny_upp_parts
+    enc, dec = tiny_upp_parts()
+    folder = save_upp(str(tmp_path / "upp_src"), enc, dec)
+    return folder, {"/" + f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+def _mark_ran():
+    _Payload.ran = True
+    return {}
+
+
+def test_upernet_cached_files_are_verified_before_use(cache, tmp_path, monkeypatch):
+    from gandissect_widgets.segmenters import upernet
+    folder, files = _upp_files(tmp_path)
+    with _Server(files) as srv:
+        monkeypatch.setattr(upernet, "UPP_URL", srv.url + "/")
+        S = upernet.load_upernet(segsizes=None, progress=False)
+        x = torch.rand(1, 3, 32, 32) * 2 - 1
+        ref = S(x)
+        cached = cache / "segmodel" / "upp-resnet50-upernet"
+        assert sorted(os.listdir(cached)) == sorted([f[1:] for f in files] + [f[1:] + HASH_SUFFIX for f in files])
+        enc = cached / "encoder_epoch_40.pth"
+        expected = hashlib.sha256(enc.read_bytes()).hexdigest()
+        torch.save({"conv1.weight": _Payload()}, enc)  # a wrong file in the cache, needing trust_pickle
+        with pytest.raises(DownloadError) as e:
+            upernet.load_upernet(segsizes=None, progress=False)
+        msg = one_line(e.value)
+        assert f"{enc} in the cache does not match its recorded SHA-256 (expected {expected}, actual " \
+               f"{hashlib.sha256(enc.read_bytes()).hexdigest()})" in msg and "Delete it" in msg
+        assert "trust_pickle" not in msg and not _Payload.ran
+        n = len(srv.requests)
+        enc.unlink()
+        (cached / ("encoder_epoch_40.pth" + HASH_SUFFIX)).unlink()
+        S2 = upernet.load_upernet(segsizes=None, progress=False)  # re-downloaded after deleting, as told
+        assert len(srv.requests) == n + 1 and torch.equal(S2(x), ref)
+    # the user's own folder needs no hashes
+    assert not any(f.endswith(HASH_SUFFIX) for f in os.listdir(folder))
+    assert torch.equal(upernet.load_upernet(folder, segsizes=None)(x), ref)

@@ -304,20 +304,24 @@ def upernet_from_state_dicts(encoder_sd, decoder_sd, labeldata, source="UPP chec
 
 def load_upernet(checkpoint=None, device="cpu", segsizes=(256,), downsample=1, quad=False,
                  part_objects=DEFAULT_PART_OBJECTS, epoch=40, progress=True):
-    """The UPP segmenter from a folder (labels.json, encoder/decoder_epoch_40.pth), or downloaded to the cache."""
+    """The UPP segmenter from a folder (labels.json, encoder/decoder_epoch_40.pth), or downloaded to the cache.
+
+    Downloaded files are checked against the SHA-256 recorded when they were downloaded before they
+    are read (``download.cached_file``); a folder given as ``checkpoint`` is the user's and is read as is."""
     files = ["labels.json", f"encoder_epoch_{epoch}.pth", f"decoder_epoch_{epoch}.pth"]
     if checkpoint is None:
         paths = [cached_file(UPP_URL + f, subdir="segmodel/upp-resnet50-upernet", progress=progress) for f in files]
-        checkpoint = os.path.dirname(paths[0])
-    folder = os.fspath(checkpoint)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"UPP checkpoint must be a folder holding {', '.join(files)}; got {folder}")
-    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise FileNotFoundError(f"UPP folder {folder} lacks {missing} (it needs {', '.join(files)})")
-    with open(os.path.join(folder, files[0])) as f:
+        source = os.path.dirname(paths[0])
+    else:
+        folder = os.fspath(checkpoint)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"UPP checkpoint must be a folder holding {', '.join(files)}; got {folder}")
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise FileNotFoundError(f"UPP folder {folder} lacks {missing} (it needs {', '.join(files)})")
+        paths, source = [os.path.join(folder, f) for f in files], folder
+    with open(paths[0]) as f:
         labeldata = json.load(f)
-    S = upernet_from_state_dicts(torch_load(os.path.join(folder, files[1])), torch_load(os.path.join(folder, files[2])),
-                                 labeldata, source=folder, segsizes=segsizes, downsample=downsample, quad=quad,
-                                 part_objects=part_objects)
+    S = upernet_from_state_dicts(torch_load(paths[1]), torch_load(paths[2]), labeldata, source=source,
+                                 segsizes=segsizes, downsample=downsample, quad=quad, part_objects=part_objects)
     return S.to(device)
