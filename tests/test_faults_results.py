@@ -3,6 +3,7 @@
 1. A result names only plain files inside its directory, and dissect.json is covered by a hash too.
 2. A failed save (a full disk, at any step) leaves the earlier result loading bit for bit.
 3. Every file in the download cache is checked against a recorded SHA-256 before use.
+4. The shipped-weights loader reads weights only.
 """
 import errno
 import hashlib
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from gandissect_widgets.checkpoint import CheckpointError
 from gandissect_widgets.download import HASH_SUFFIX, DownloadError, cached_file
 from gandissect_widgets.engine import results
 from gandissect_widgets.engine.io import atomic_write_bytes, json_bytes
@@ -596,3 +598,22 @@ def test_upernet_cached_files_are_verified_before_use(cache, tmp_path, monkeypat
     # the user's own folder needs no hashes
     assert not any(f.endswith(HASH_SUFFIX) for f in os.listdir(folder))
     assert torch.equal(upernet.load_upernet(folder, segsizes=None)(x), ref)
+
+
+# -- 4. shipped weights: weights only ----------------------------------------------------------------
+
+def test_shipped_loader_reads_weights_only(tmp_path):
+    from gandissect_widgets.world import gan, shipped
+    G = gan.load_generator()
+    good = tmp_path / "generator.pt"
+    torch.save(G.state_dict(), good)
+    z = G.sample_z(2, 0)
+    assert torch.equal(gan.load_generator(checkpoint=str(good))(z), G(z))
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": _Payload()}, evil)
+    with pytest.raises(CheckpointError) as e:
+        shipped.load_shipped("generator", lambda c: gan.SceneGenerator(), checkpoint=str(evil))
+    assert str(evil) in str(e.value) and not _Payload.ran
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="expected a state dict"):
+        shipped.load_shipped("generator", lambda c: gan.SceneGenerator(), checkpoint=str(tmp_path / "list.pt"))

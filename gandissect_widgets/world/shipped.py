@@ -2,7 +2,7 @@
 import json
 import os
 
-import torch
+from gandissect_widgets.checkpoint import torch_load, unwrap_state_dict
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 
@@ -20,7 +20,7 @@ def load_shipped(name, build, device='cpu', checkpoint=None, trainer=''):
     if os.path.exists(record):
         with open(record) as f:
             config = json.load(f).get('model', {})
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = unwrap_state_dict(torch_load(path), keys=())  # weights only: anything more is refused, clearly
     model = build(config)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval().requires_grad_(False)
