@@ -211,7 +211,7 @@ def test_biggan_missing_package_names_the_extra(monkeypatch):
 
 
 def test_biggan_tiny_config_roundtrip(tmp_path):
-    pkg = pytest.importorskip("pytorch_pretrained_biggan")
+    import pytorch_pretrained_biggan as pkg  # the test extra installs it (and scipy, which it imports): no skip
     config = dict(output_dim=32, z_dim=8, class_embed_dim=8, channel_width=4, num_classes=10,
                   layers=[[False, 16, 16], [True, 16, 8], [True, 8, 4], [True, 4, 2], [False, 2, 1]],
                   attention_layer_position=2, eps=1e-4, n_stats=51)

@@ -172,7 +172,7 @@ def test_hf_missing_package_names_the_extra(monkeypatch):
 
 
 def test_hf_tiny_segformer_from_folder(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # installed by the test extra: no skip
     cfg = transformers.SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
                                        hidden_sizes=[8, 16], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
                                        patch_sizes=[7, 3], strides=[4, 2], decoder_hidden_size=16, num_labels=4,

@@ -446,3 +446,54 @@ def test_hostile_labels_reach_no_view_as_html():
     markup = "".join(html_of(v) for v in views)
     assert "<img" not in markup and "<b>red</b>" not in markup
     assert "&lt;b&gt;red&lt;/b&gt;" in markup  # shown, as text
+
+
+def test_two_threads_changing_the_session_leave_every_view_consistent():
+    import threading
+    from tiny import TinyGenerator, TinySegmenter
+    s = gw.Session(TinyGenerator(), TinySegmenter(), samples=range(3))
+    s.dissect(["layer1", "layer2"], n_samples=60, progress=False)  # layer1: 6 units, layer2: 5
+    s.update(concept="c1", layer="layer1", selection=[5], unit=5)
+    s.update(layer="layer2")  # a selection belongs to its layer: switching clears it
+    assert s.selection == () and s.unit is None
+    s.update(layer="layer1", selection=[5], unit=5)
+    with pytest.raises(ValueError, match="out of range"):
+        s.update(layer="layer2", selection=[5])  # validated against the new layer
+    assert s.layer == "layer1" and s.selection == (5,)  # nothing of a refused update is applied
+    views = [UnitBrowser(s, per_page=4), IouRanking(s), AblationPanel(s), LayerSummary(s)]
+    errors = []
+
+    def changes(seed):
+        rng = np.random.RandomState(seed)
+        for _ in range(300):
+            layer = ("layer1", "layer2")[rng.randint(2)]
+            n = s.n_units(layer)
+            try:
+                pick = rng.randint(4)
+                if pick == 0:
+                    s.update(layer=layer, selection=rng.choice(n, 3, replace=False).tolist())
+                elif pick == 1:
+                    s.update(concept=s.concepts()[rng.randint(4)], mode=("ablate", "insert")[rng.randint(2)])
+                elif pick == 2:
+                    s.update(samples=rng.choice(8, 2, replace=False).tolist())
+                else:
+                    s.update(layer=layer, unit=int(rng.randint(n)))
+            except ValueError as e:  # a unit of the other thread's layer: refused whole, never applied
+                if "out of range" not in str(e):
+                    errors.append(e)
+            except Exception as e:  # noqa: BLE001 - anything else is a bug
+                errors.append(e)
+    threads = [threading.Thread(target=changes, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:3]
+    for v in views:
+        assert v.wait(120)
+    assert all(u < s.n_units(s.layer) for u in s.selection)
+    s.update(selection=[0], mode="ablate")  # a toggle after the storm works
+    for v in views:
+        assert v.wait(120)
+        assert v.last_error is None, (type(v).__name__, v.last_error)
+    assert views[2].unit_toggles()[0].value is True

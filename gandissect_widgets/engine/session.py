@@ -81,7 +81,8 @@ class Session:
             self.segmenter.to(self.device).eval()
         self.labels = list(self.segmenter.labels)
         self.seed = int(seed)
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # model calls
+        self._state_lock = threading.RLock()  # state changes and their notifications, one at a time
         self._observers: list[tuple[Callable, set | None]] = []
         self._z: dict[int, torch.Tensor] = {}
         self._acts: OrderedDict = OrderedDict()
@@ -113,21 +114,29 @@ class Session:
         self._observers = [(f, n) for f, n in self._observers if f is not fn]
 
     def update(self, **changes):
-        """Set several pieces of state, validate them, then notify observers of what changed."""
+        """Set several pieces of state, validate them, then notify observers of what changed.
+
+        Atomic: all changes are validated first (against the layer they apply to), then set
+        together; concurrent updates from several threads apply one after the other.  Units
+        belong to a layer: a change of layer without a new selection clears the selection and
+        the focused unit."""
         unknown = set(changes) - set(_STATE)
         if unknown:
             raise ValueError(f"unknown session state {sorted(unknown)}; known: {', '.join(_STATE)}")
-        clean = {k: self._validate(k, v, changes) for k, v in changes.items()}
-        changed = []
-        for k, v in clean.items():
-            old = getattr(self, k)
-            if not _same(old, v):
-                setattr(self, k, v)
-                changed.append((k, old, v))
-        for k, old, v in changed:
-            for fn, names in list(self._observers):
-                if names is None or k in names:
-                    fn(k, old, v)
+        with self._state_lock:
+            if "layer" in changes and changes["layer"] != self.layer:
+                changes = {"selection": (), "unit": None, **changes}
+            clean = {k: self._validate(k, v, changes) for k, v in changes.items()}
+            changed = []
+            for k, v in clean.items():
+                old = getattr(self, k)
+                if not _same(old, v):
+                    setattr(self, k, v)
+                    changed.append((k, old, v))
+            for k, old, v in changed:
+                for fn, names in list(self._observers):
+                    if names is None or k in names:
+                        fn(k, old, v)
         return self
 
     def _validate(self, k, v, changes):
@@ -164,7 +173,12 @@ class Session:
                     raise ValueError(f"unit index out of range: {bad[:10]}; {layer} has {n} units")
             return v
         if k == "unit":
-            return None if v is None else int(v)
+            if v is None:
+                return None
+            v, layer = int(v), changes.get("layer", self.layer)
+            if layer is not None and not 0 <= v < self.n_units(layer):
+                raise ValueError(f"unit index out of range: {v}; {layer} has {self.n_units(layer)} units")
+            return v
         if k == "dissection":
             if v is not None and not isinstance(v, Dissection):
                 raise ValueError(f"dissection must be a Dissection, got {type(v).__name__}")

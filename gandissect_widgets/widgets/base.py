@@ -126,7 +126,7 @@ class View(W.VBox):
             since = self._busy_since = time.monotonic()
 
             def show():
-                if self._busy_since == since and self.last_error is None:
+                if self._busy_since == since and not self.status.value:  # over no message
                     self.status.value = BUSY_TEXT
             timer = threading.Timer(BUSY_AFTER, show)
             timer.daemon = True
