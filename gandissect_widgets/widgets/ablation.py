@@ -41,7 +41,7 @@ class AblationPanel(View):
         self.clear = W.Button(description="none", tooltip="switch no unit", layout=W.Layout(width="auto"))
         self.toggles = row([])
         self.columns = row([])
-        self.scale_bar = image_widget()
+        self.scale_bar = image_widget(width="320px")  # a key, not a picture to enlarge
         self.scale_bar.add_class("gd-chart")
         self.stats = W.HTML()
         self._toggles: list[W.ToggleButton] = []  # a pool: reused when the candidates change

@@ -58,6 +58,7 @@ class UnitBrowser(View):
                               self.detail_key],
                              layout=W.Layout(width=f"{side + 12}px", flex="none"))
         self.detail.add_class("gd-panel")
+        self.detail.layout.display = "none"  # until a unit is shown: no empty pictures
         self.cards: dict[int, W.VBox] = {}
         self._pool: list[tuple] = []  # (card, image, button): made once, reused
         self.add_class("gd-browser")
@@ -196,5 +197,6 @@ class UnitBrowser(View):
             self.detail_samples.value = samples_png
             self.detail_heat.value = heat_png
             self.detail_key.value = key_png
+            self.detail.layout.display = None
 
 
