@@ -17,12 +17,16 @@ import json
 
 import torch
 
-__all__ = ["ProtocolError", "check_generator", "check_segmenter", "check_images", "segment",
-           "sample_latents", "fingerprint", "model_device"]
+__all__ = ["ProtocolError", "NonFiniteError", "check_generator", "check_segmenter", "check_images", "segment",
+           "sample_latents", "check_sample_z", "fingerprint", "model_device"]
 
 
 class ProtocolError(ValueError):
     """A generator or segmenter that does not follow the protocol (the message says how)."""
+
+
+class NonFiniteError(ProtocolError):
+    """A generator that gave NaN or infinite images or activations (the message says where and how many)."""
 
 
 def check_generator(G):
@@ -87,6 +91,29 @@ def sample_latents(G, n: int, seed: int):
     if not torch.is_tensor(z) or z.shape[0] != n:
         raise ProtocolError(f"{type(G).__name__}.sample_z({n}, {seed}) must return a tensor with {n} rows, "
                             f"got {type(z).__name__} {tuple(getattr(z, 'shape', ()))}")
+    return z
+
+
+def check_sample_z(G, n: int, seed: int, z=None, k: int = 4):
+    """Check that ``G.sample_z`` is reproducible: ``sample_z(k, seed)`` twice gives the same latents,
+    and they are the first k of ``sample_z(n, seed)`` (``z``, if the caller has drawn it).  Once per
+    run: a generator that draws from the global random state would otherwise give a result that no
+    rerun (nor a resumed run) reproduces."""
+    name = type(G).__name__
+    z = sample_latents(G, n, seed) if z is None else z
+    k = max(1, min(int(k), int(n)))
+    a, b = sample_latents(G, k, seed), sample_latents(G, k, seed)
+
+    def same(x, y):
+        return x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.detach().cpu(), y.detach().cpu())
+
+    if not same(a, b):
+        raise ProtocolError(f"{name}.sample_z({k}, {seed}) gave different latents on two calls: sample_z(n, seed) must "
+                            f"be reproducible (draw from a generator seeded with seed, e.g. "
+                            f"numpy.random.RandomState(seed), not from the global random state)")
+    if not same(z[:k], a):
+        raise ProtocolError(f"{name}.sample_z({n}, {seed})[:{k}] differs from sample_z({k}, {seed}): the first k "
+                            f"latents must be the same for any n >= k (draw them row by row from one seeded stream)")
     return z
 
 

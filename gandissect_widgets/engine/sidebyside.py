@@ -41,6 +41,19 @@ def _balanced(items, weights, k):
     return [g for g in groups if g]
 
 
+def _wait_all(futures):
+    """Cancel what has not started and wait for the rest, through further interrupts (the
+    caller is raising one already): no work on shared state outlives the call that gave it."""
+    for f in futures:
+        f.cancel()
+    while True:
+        try:
+            wait(futures)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 class SideBySide(contextlib.AbstractContextManager):
     """Runs work on several items at once on a CPU (see the module docstring)."""
 
@@ -82,7 +95,11 @@ class SideBySide(contextlib.AbstractContextManager):
         torch.set_num_threads(per)
         try:
             done = [pool.submit(lambda group: [work(item) for item in group], g) for g in groups]
-            wait(done)  # all of them, even if one failed: none may still be working when this returns
+            try:
+                wait(done)  # all of them, even if one failed: none may still be working when this returns
+            except BaseException:  # an interrupt while waiting: the work already started still ends first
+                _wait_all(done)
+                raise
             for f in done:
                 f.result()
         finally:
@@ -110,26 +127,39 @@ class SideBySide(contextlib.AbstractContextManager):
                 yield done
                 del done  # the caller is done with it: not held while the next one is waited for
         finally:
-            for f in pending:
-                f.cancel()
-            wait(pending)
+            _wait_all(pending)
 
     def _lanes(self):
         if self._lane_pool is None:
-            self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="gandissect-lane")
+            pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="gandissect-lane")
             before = torch.get_num_threads()
             torch.set_num_threads(self._lane_threads)
+            barrier = threading.Barrier(self.lanes)
+            started = []
             try:  # every lane thread takes its intra-op thread count now (its first get_num_threads), and keeps it
-                barrier = threading.Barrier(self.lanes)
 
                 def warm():
-                    barrier.wait()  # one task per thread
+                    try:
+                        barrier.wait()  # one task per thread
+                    except threading.BrokenBarrierError:  # the warm-up was interrupted: see below
+                        return None
                     self._lane_idents.add(threading.get_ident())
                     return torch.get_num_threads()
 
-                wait([self._lane_pool.submit(warm) for _ in range(self.lanes)])
+                for _ in range(self.lanes):
+                    started.append(pool.submit(warm))
+                wait(started)
+            except BaseException:
+                # interrupted (Ctrl-C) before every lane thread was given its task: a thread at the
+                # barrier would wait for the others for ever, and the process could not exit
+                barrier.abort()
+                _wait_all(started)
+                pool.shutdown(wait=True)
+                self._lane_idents = set()
+                raise
             finally:
                 torch.set_num_threads(before)
+            self._lane_pool = pool
         return self._lane_pool
 
     def close(self):

@@ -43,14 +43,17 @@ class RunningMoments:
         self.min = torch.full((units,), math.inf, dtype=torch.float64, device=dev)
         self.max = torch.full((units,), -math.inf, dtype=torch.float64, device=dev)
 
-    def add(self, x: torch.Tensor, extremes=None):
+    def add(self, x: torch.Tensor, extremes=None, valid: torch.Tensor | None = None):
         """x: (N, U, ...) values; every entry but the unit axis (1) is one observation.
-        ``extremes``: their per-unit (min, max), if the caller has them."""
+        ``extremes``: their per-unit (min, max), if the caller has them.  ``valid``: a mask of
+        x's shape; only the observations it marks are counted (the counts become per unit)."""
         if x.shape[1] != self.units:
             raise ValueError(f"expected {self.units} units on axis 1, got shape {tuple(x.shape)}")
         n = x.numel() // self.units
         if n == 0:
             return
+        if valid is not None:
+            return self._add_masked(x, valid)
         x = x.reshape(x.shape[0], self.units, -1)
         if x.dtype != torch.float64:
             x = x.float()
@@ -59,7 +62,36 @@ class RunningMoments:
         mn, mx = extremes if extremes is not None else (x.amin((0, 2)), x.amax((0, 2)))
         self._combine(torch.tensor(float(n), dtype=torch.float64), bmean.double(), bm2.double(), mn.double(), mx.double())
 
+    def _add_masked(self, x, valid):
+        U = self.units
+        x = x.reshape(x.shape[0], U, -1).double()
+        v = valid.reshape(x.shape).to(x.device)
+        n = v.sum((0, 2)).double()
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        bmean = torch.where(v, x, zero).sum((0, 2)) / n.clamp(min=1)
+        bm2 = torch.where(v, (x - bmean[None, :, None]).square(), zero).sum((0, 2))
+        mn = torch.where(v, x, torch.full((), math.inf, dtype=x.dtype, device=x.device)).amin((0, 2))
+        mx = torch.where(v, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).amax((0, 2))
+        self._combine_units(n, bmean, bm2, mn, mx)
+
+    def _combine_units(self, n, mean, m2, mn, mx):
+        """``_combine`` with per-unit counts, some of which may be 0."""
+        dev = self.mean.device
+        n = n.to(dev, torch.float64).expand(self.units)
+        count = self.count.expand(self.units)
+        tot = count + n
+        safe = tot.clamp(min=1)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        delta = mean.to(dev) - self.mean
+        self.mean = self.mean + delta * torch.where(tot > 0, n / safe, zero)
+        self.m2 = self.m2 + m2.to(dev) + delta ** 2 * torch.where(tot > 0, count * n / safe, zero)
+        self.count = tot
+        self.min = torch.minimum(self.min, mn.to(dev))
+        self.max = torch.maximum(self.max, mx.to(dev))
+
     def _combine(self, n, mean, m2, mn, mx):
+        if n.dim() or self.count.dim():
+            return self._combine_units(n, mean, m2, mn, mx)
         n = n.to(self.mean.device)
         tot = self.count + n
         delta = mean.to(self.mean.device) - self.mean
@@ -72,13 +104,18 @@ class RunningMoments:
     def merge(self, other: "RunningMoments"):
         if other.units != self.units:
             raise ValueError(f"cannot merge moments of {other.units} units into {self.units}")
-        if float(other.count) > 0:
+        if bool((other.count > 0).any()):
             self._combine(other.count, other.mean, other.m2, other.min, other.max)
         return self
 
     @property
     def variance(self):
         return self.m2 / (self.count - 1).clamp(min=1)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(U,) observations counted per unit (the same for all, but after masked adds)."""
+        return self.count.expand(self.units)
 
     def state_dict(self):
         return {k: _t(getattr(self, k)) for k in ("count", "mean", "m2", "min", "max")}
@@ -216,6 +253,9 @@ def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128, window=(
     U = values.shape[0]
     flat = values.reshape(U, -1).float()
     M = flat.shape[1]
+    finite = torch.isfinite(flat)
+    if M and not bool(finite.all()):
+        return _pilot_edges_nonfinite(values, finite, quantile, bins, window, population, pixels)
     pos = lambda rank: (torch.as_tensor(rank, dtype=torch.float64).clamp(0, 1) * (M - 1)).round().long().expand(U)  # noqa: E731
     if values.dim() == 3:
         below = above = torch.full((U,), _WINDOW_CAP, dtype=torch.float64)
@@ -235,6 +275,25 @@ def pilot_edges(values: torch.Tensor, quantile: float, bins: int = 128, window=(
 
 
 _WINDOW_CAP = 0.012  # the widest a pilot's window may get: a pilot worse than this is repaired
+
+
+def _pilot_edges_nonfinite(values, finite, quantile, bins, window, population, pixels):
+    """``pilot_edges`` where some values are NaN or infinite (left out, ``nonfinite="skip"``):
+    units with only finite values as usual; each other unit from its finite values alone, in the
+    widest window (refinement repairs a miss); units with none get edges around 0 (they count nothing)."""
+    U = values.shape[0]
+    ok = finite.reshape(U, -1).all(1)
+    edges = torch.empty(U, bins, dtype=torch.float32, device=values.device)
+    if bool(ok.any()):
+        edges[ok] = pilot_edges(values[ok], quantile, bins, window, population, pixels)
+    flat = values.reshape(U, -1)
+    for u in torch.nonzero(~ok).view(-1).tolist():
+        v = flat[u][finite.reshape(U, -1)[u]]
+        if v.numel() == 0:
+            edges[u] = grid_edges(torch.zeros(1, device=values.device), torch.zeros(1, device=values.device), bins)[0]
+        else:
+            edges[u] = pilot_edges(v[None], quantile, bins, window=(_WINDOW_CAP, _WINDOW_CAP))[0]
+    return edges
 
 
 def pilot_window(fractions: torch.Tensor, pixels_seen: int, population: int, pixels: int, z: float = 4.5,
@@ -289,6 +348,10 @@ class TailHistogram:
         self.hist = torch.zeros(U, B + 1, dtype=torch.long, device=dev)
         self.joint = torch.zeros(U, concepts + 1, B + 1, dtype=torch.long, device=dev)
         self.concept_pixels = torch.zeros(concepts + 1, dtype=torch.long, device=dev)
+        # pixels left out of a unit's counts (non-finite upsampled values, ``nonfinite="skip"``):
+        # how many per unit, and per unit and label (so its concept pixels can be less them)
+        self.skipped = torch.zeros(U, dtype=torch.long, device=dev)
+        self.skipped_joint = torch.zeros(U, concepts + 1, dtype=torch.long, device=dev)
         self._prepare()
 
     def _prepare(self):
@@ -375,14 +438,17 @@ class TailHistogram:
             self.hist[:, 1:] += counts.sum(1)
 
     def add_columns(self, values: torch.Tensor, units: torch.Tensor, pixels: torch.Tensor, stride: int,
-                    labels: "LabelKeys", finite: bool = True):
+                    labels: "LabelKeys", finite: bool = True, drop_nonfinite: bool = False):
         """Add every value of ``upsample_columns``' columns (those at or below the lowest edge
         fall in the uncounted bin 0): ``values`` (P, Mc), column i of unit ``units[i]``, its
         slot p at pixel ``pixels[i] + p * stride`` of the labels' (N,H,W) grid.
-        ``finite``: whether ``values`` are free of NaN (-inf and inf are fine)."""
+        ``finite``: whether ``values`` are free of NaN (-inf and inf are fine).
+        ``drop_nonfinite``: NaN and inf go to bin 0 too (the caller counts them in ``skipped``)."""
         if values.numel() == 0:
             return
-        if not finite:
+        if drop_nonfinite:
+            values = values.nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+        elif not finite:
             values = values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         bins = self._bins(values, units, True).clamp_(0, self.bins).to(self._key_dtype)
         key = bins.add_(self._key_offset.index_select(0, units))
@@ -417,19 +483,33 @@ class TailHistogram:
         tail = self.hist[:, 1:].flip(1).cumsum(1).flip(1)  # tail[:, j] = sum_{b >= j+1} hist
         return tail
 
+    def unit_pixels(self) -> torch.Tensor:
+        """(U,) pixels counted per unit: all of them, less those left out (``skipped``)."""
+        return self.n_pixels - self.skipped
+
+    def unit_concept_pixels(self) -> torch.Tensor:
+        """(U, C+1) concept pixels counted per unit (less those left out of its counts)."""
+        return self.concept_pixels[None] - self.skipped_joint
+
+    def fractions_above(self) -> torch.Tensor:
+        """(U, B) fraction of each unit's counted pixels above each edge (NaN where it counted none)."""
+        if not bool(self.skipped.any()):
+            return self.counts_above().double() / max(int(self.n_pixels), 1)
+        n = self.unit_pixels()
+        frac = self.counts_above().double() / n.clamp(min=1).double()[:, None]
+        return torch.where((n > 0)[:, None], frac, torch.full((), math.nan, dtype=frac.dtype, device=frac.device))
+
     def threshold_index(self, quantile: float):
         """Per unit: the edge whose fraction of values above is nearest to 1 - quantile,
-        and that fraction."""
-        n = max(int(self.n_pixels), 1)
-        frac = self.counts_above().double() / n
-        err = (frac - (1 - quantile)).abs()
+        and that fraction (NaN for a unit that counted no pixel, whose edge is then the first)."""
+        frac = self.fractions_above()
+        err = (frac - (1 - quantile)).abs().nan_to_num(0.0)
         j = err.argmin(1)
         return j, frac.gather(1, j[:, None])[:, 0]
 
     def straddling_bounds(self, quantile: float, vmin: torch.Tensor, vmax: torch.Tensor):
         """Per unit, the (lo, hi] value interval holding the target rank (for refinement)."""
-        n = max(int(self.n_pixels), 1)
-        frac = self.counts_above().double() / n  # decreasing in j
+        frac = self.fractions_above()  # decreasing in j
         target = 1 - quantile
         # first edge with frac <= target: the target lies between edge j-1 and edge j
         below = (frac <= target)
@@ -457,14 +537,18 @@ class TailHistogram:
         self.hist += other.hist.to(dev)
         self.joint += other.joint.to(dev)
         self.concept_pixels += other.concept_pixels.to(dev)
+        self.skipped += other.skipped.to(dev)
+        self.skipped_joint += other.skipped_joint.to(dev)
         return self
 
     def state_dict(self):
-        return {k: _t(getattr(self, k)) for k in ("edges", "n_pixels", "hist", "joint", "concept_pixels")}
+        return {k: _t(getattr(self, k)) for k in ("edges", "n_pixels", "hist", "joint", "concept_pixels",
+                                                  "skipped", "skipped_joint")}
 
     @classmethod
     def from_state_dict(cls, sd, device=None):
         self = cls(sd["edges"].to(device or "cpu"), sd["joint"].shape[1] - 1)
-        for k in ("n_pixels", "hist", "joint", "concept_pixels"):
-            setattr(self, k, sd[k].to(self.edges.device))
+        for k in ("n_pixels", "hist", "joint", "concept_pixels", "skipped", "skipped_joint"):
+            if k in sd:
+                setattr(self, k, sd[k].to(self.edges.device))
         return self
