@@ -11,22 +11,55 @@ from gandissect_widgets.engine.io import atomic_write_json
 __all__ = ["cmd_ace", "cmd_optimize", "cmd_context", "cmd_artifacts", "load_reference"]
 
 
-def _setup(a):
-    from gandissect_widgets.cli import _device, _load
-    device = _device(a.device)
-    G = _load("generator", a.generator, a.checkpoint, device)
-    S = _load("segmenter", a.segmenter, a.segmenter_checkpoint, device)
-    os.makedirs(a.out, exist_ok=True)
-    return G, S, device
+def _setup(a, concept=True, dissects=True):
+    """Check the common arguments, load the models and a given --dissection, probe the layer: all
+    before any computation.  Returns (G, S, device, dissection or None, probe)."""
+    from gandissect_widgets import cli
+    device = cli._device(a.device)
+    cli._check_out_dir(a.out)
+    cli._int("--batch-size", a.batch_size, 1)
+    cli._seed(a.seed)
+    d = _load_dissection(a) if dissects and a.dissection is not None else None
+    if dissects and d is None:
+        cli._int("--dissect-samples", a.dissect_samples, 1)
+    G, S = cli._load_models(a, device)
+    probe = cli._probe(G, S, [a.layer], device)
+    if concept:
+        cli._check_concept(a.concept, probe["labels"], a.segmenter)
+    if d is not None:
+        if list(d.labels) != probe["labels"]:
+            raise cli.UserError(f"--dissection {a.dissection} was made with segmenter "
+                                f"{d.settings.get('segmenter', '?')!r}, whose labels differ from segmenter "
+                                f"{a.segmenter!r}'s; give --segmenter {d.settings.get('segmenter', 'NAME')}")
+        shape = tuple(int(x) for x in d.array(a.layer, "shape"))
+        if shape != probe["layers"][a.layer]:
+            raise cli.UserError(f"--dissection {a.dissection} has layer {a.layer!r} of shape {shape}, but generator "
+                                f"{a.generator!r} gives {probe['layers'][a.layer]}; give the generator it was made "
+                                f"with ({d.settings.get('generator', '?')!r})")
+    elif dissects:
+        cli._check_samples("--dissect-samples", a.dissect_samples, probe, disk_dir=os.path.join(a.out, ".cache"))
+        cli._run_state["cache"] = os.path.join(a.out, ".cache")
+    return G, S, device, d, probe
 
 
-def _dissection(a, G, S, device):
-    from gandissect_widgets.engine.dissection import dissect
+def _load_dissection(a):
+    from gandissect_widgets.cli import UserError
     from gandissect_widgets.engine.results import Dissection
-    if a.dissection:
-        d = Dissection.load(a.dissection)
-        if a.layer not in d.layers:
-            raise ValueError(f"{a.dissection} has no layer {a.layer!r}; it has {', '.join(d.layers)}")
+    if not a.dissection.strip():
+        raise UserError("--dissection is empty; give a directory written by `gandissect dissect` (or leave it out)")
+    if not os.path.isdir(a.dissection):
+        what = "is a file" if os.path.exists(a.dissection) else "does not exist"
+        raise UserError(f"--dissection {a.dissection} {what}; give a directory written by `gandissect dissect`")
+    d = Dissection.load(a.dissection)
+    if a.layer not in d.layers:
+        raise UserError(f"--dissection {a.dissection} has no layer {a.layer!r}; it has {', '.join(d.layers)}: "
+                        f"give one of those, or dissect {a.layer!r} first")
+    return d
+
+
+def _dissection(a, G, S, device, d):
+    from gandissect_widgets.engine.dissection import dissect
+    if d is not None:
         return d
     return dissect(G, S, [a.layer], n_samples=a.dissect_samples, batch_size=max(a.batch_size, 16), device=device,
                    cache_dir=os.path.join(a.out, ".cache"), progress=not a.quiet,
@@ -34,23 +67,61 @@ def _dissection(a, G, S, device):
 
 
 def _write(a, name, doc, figures):
+    """Figures first, then NAME.json (the result), each atomically."""
     from gandissect_widgets.report.figures import save_figure
     doc = dict(doc, generator=a.generator, segmenter=a.segmenter)
-    atomic_write_json(os.path.join(a.out, f"{name}.json"), doc)
-    written = [os.path.join(a.out, f"{name}.json")]
+    written = []
     for fname, fig in figures.items():
         written += save_figure(fig, os.path.join(a.out, fname), formats=("png",))
+    atomic_write_json(os.path.join(a.out, f"{name}.json"), doc)
+    written.insert(0, os.path.join(a.out, f"{name}.json"))
     print("wrote " + ", ".join(written))
 
 
+def _units(flag, units, n):
+    from gandissect_widgets.cli import UserError
+    bad = [u for u in units if not 0 <= u < n]
+    if bad:
+        raise UserError(f"{flag} {' '.join(map(str, bad))}: out of range; the layer has {n} units, 0 to {n - 1}")
+    if len(set(units)) != len(units):
+        raise UserError(f"{flag} repeats a unit: {' '.join(map(str, units))}; name each unit once")
+    return list(units)
+
+
+def _ks(flag, ks, n):
+    from gandissect_widgets.cli import UserError
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise UserError(f"{flag} {' '.join(map(str, bad))}: each count must be between 1 and {n} (the layer's units)")
+    return list(ks)
+
+
 def cmd_ace(a):
+    from gandissect_widgets import cli
     from gandissect_widgets.engine.ace import measure_ace, removal_curve, unit_ace
     from gandissect_widgets.engine.interventions import InsertionValues
     from gandissect_widgets.report.figures import ace_ranking_figure, removal_curve_figure
-    G, S, device = _setup(a)
-    d = _dissection(a, G, S, device)
+    if a.units is not None and a.top is not None:
+        raise cli.UserError("--units and --top both choose the unit set: pick one (--units U ... for your own "
+                            "units, --top N for the top N units by IoU)")
+    cli._int("--samples", a.samples, 1)
+    cli._int("--unit-samples", a.unit_samples, 0)
+    cli._int("--random-draws", a.random_draws, 0)
+    if a.top is not None:
+        cli._int("--top", a.top, 1)
+    G, S, device, d, probe = _setup(a)
+    n_units = probe["layers"][a.layer][0]
+    for flag, n in (("--samples", a.samples), ("--unit-samples", a.unit_samples)):
+        cli._check_samples(flag, n, probe, lo=0)
+    if a.units is not None:
+        _units("--units", a.units, n_units)
+    if a.top is not None and a.top > n_units:
+        raise cli.UserError(f"--top {a.top}: layer {a.layer!r} has {n_units} units; give --top 1 to {n_units}")
+    ks = _ks("--ks", a.ks, n_units) if a.ks is not None else [k for k in (1, 2, 5, 10, 20, 50) if k <= n_units]
+    with cli.tidy_on_failure(a.out, cli._run_state.get("cache")):
+        d = _dissection(a, G, S, device, d)
     iou_rank = d.ranking(a.layer, a.concept)
-    units = a.units if a.units else iou_rank[:a.top].tolist()
+    units = a.units if a.units else iou_rank[:a.top or 20].tolist()
     ins = InsertionValues(G, S)
     res = measure_ace(G, S, a.layer, units, a.concept, n_samples=a.samples, seed=a.seed, batch_size=a.batch_size,
                       insertion=ins, progress=not a.quiet)
@@ -64,7 +135,7 @@ def cmd_ace(a):
         doc["unit_ace"] = [float(x) for x in ua]
         doc["ace_ranking"] = [int(u) for u in rankings["ACE"]]
         figures["ace_ranking"] = ace_ranking_figure(ua, res.concept, a.layer)
-    curve = removal_curve(G, S, a.layer, a.concept, rankings, ks=a.ks, n_samples=a.samples, seed=a.seed + 2,
+    curve = removal_curve(G, S, a.layer, a.concept, rankings, ks=ks, n_samples=a.samples, seed=a.seed + 2,
                           batch_size=a.batch_size, random_draws=a.random_draws, progress=not a.quiet)
     doc["removal_curve"] = curve
     figures["removal_curve"] = removal_curve_figure(curve)
@@ -74,10 +145,22 @@ def cmd_ace(a):
 
 
 def cmd_optimize(a):
+    from gandissect_widgets import cli
     from gandissect_widgets.engine.optimize import optimize_intervention
     from gandissect_widgets.report.figures import alpha_figure
-    G, S, device = _setup(a)
-    d = _dissection(a, G, S, device)
+    cli._int("--train", a.train, 1)
+    cli._int("--test", a.test, 1)
+    cli._int("--steps", a.steps, 1)
+    cli._number("--lr", a.lr, 0, lo_open=True)
+    cli._number("--l2", a.l2, 0)
+    G, S, device, d, probe = _setup(a)
+    if not callable(getattr(S, "probabilities", None)):
+        raise cli.UserError(f"optimize needs class probabilities, and segmenter {a.segmenter!r} has no "
+                            "probabilities(); use a segmenter that gives them (sceneworld, planted, upernet, ...)")
+    for flag, n in (("--train", a.train), ("--test", a.test)):
+        cli._check_samples(flag, n, probe)
+    with cli.tidy_on_failure(a.out, cli._run_state.get("cache")):
+        d = _dissection(a, G, S, device, d)
     c = d.concept_index(a.concept)
     col = d.iou(a.layer)[:, c]
     init = col / col.max() if col.max() > 0 else None
@@ -90,11 +173,30 @@ def cmd_optimize(a):
 
 
 def cmd_context(a):
+    from gandissect_widgets import cli
     from gandissect_widgets.engine.context import contextual_insertion
+    from gandissect_widgets.engine.hooks import can_run_from
     from gandissect_widgets.report.figures import context_figure
-    G, S, device = _setup(a)
-    d = _dissection(a, G, S, device)
-    units = d.ranking(a.layer, a.concept)[:a.top]
+    if a.top is not None:
+        cli._int("--top", a.top, 1)
+    cli._int("--samples", a.samples, 1)
+    cli._int("--locations", a.locations, 0)
+    cli._int("--patch", a.patch, 1)
+    cli._number("--strength", a.strength, 0, lo_open=True)
+    G, S, device, d, probe = _setup(a)
+    C, h, w = probe["layers"][a.layer]
+    if a.top is not None and a.top > C:
+        raise cli.UserError(f"--top {a.top}: layer {a.layer!r} has {C} units; give --top 1 to {C}")
+    top = a.top if a.top is not None else min(20, C)
+    if a.patch > min(h, w):
+        raise cli.UserError(f"--patch {a.patch}: layer {a.layer!r} is {h}x{w} cells; give --patch 1 to {min(h, w)}")
+    if not can_run_from(G, a.layer):
+        raise cli.UserError(f"context re-renders from layer {a.layer!r} for every cell, and {type(G).__name__} cannot "
+                            "run from a layer (it needs to be an nn.Sequential or have forward_from)")
+    cli._check_samples("--samples", a.samples, probe)
+    with cli.tidy_on_failure(a.out, cli._run_state.get("cache")):
+        d = _dissection(a, G, S, device, d)
+    units = d.ranking(a.layer, a.concept)[:top]
     res = contextual_insertion(G, S, a.layer, a.concept, units, n_samples=a.samples, seed=a.seed,
                                locations=a.locations or None, batch_size=a.batch_size, strength=a.strength,
                                patch=a.patch, progress=not a.quiet)
@@ -118,18 +220,36 @@ def load_reference(spec, n, generator_name):
             raise ValueError(f"{spec} holds {len(files)} images; the reference needs at least 2")
         arr = np.stack([np.asarray(Image.open(os.path.join(spec, f)).convert("RGB")) for f in files])
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
-    t = torch.load(spec, map_location="cpu", weights_only=True)
+    from gandissect_widgets.checkpoint import torch_load
+    t = torch_load(spec, what="reference tensor")
     if not torch.is_tensor(t) or t.dim() != 4 or t.shape[1] != 3:
-        raise ValueError(f"{spec} must hold a tensor (N,3,H,W) in [-1,1]")
+        found = f"a tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
+        raise ValueError(f"{spec} must hold a tensor (N,3,H,W) in [-1,1], found {found}")
+    if t.shape[0] < 2:
+        raise ValueError(f"{spec} holds {t.shape[0]} image(s); the reference needs at least 2")
     return t[:n].float()
 
 
 def cmd_artifacts(a):
+    from gandissect_widgets import cli
     from gandissect_widgets.engine.artifacts import artifact_scores
     from gandissect_widgets.report.figures import artifacts_figure
-    G, S, device = _setup(a)
-    ref = load_reference(a.reference, a.reference_samples, a.generator).to(device)
-    res = artifact_scores(G, S, a.layer, ref, n_samples=a.samples, seed=a.seed, top=a.top_samples, ks=a.ks,
+    cli._int("--samples", a.samples, 2)
+    top = cli._int("--top-samples", a.top_samples, 2, a.samples) if a.top_samples is not None else min(100, a.samples)
+    cli._int("--eval-samples", a.eval_samples, 2)
+    cli._int("--reference-samples", a.reference_samples, 2)
+    if a.reference is not None and not os.path.exists(a.reference):
+        raise cli.UserError(f"--reference {a.reference} does not exist; give a folder of real images or a .pt "
+                            "tensor (N,3,H,W) in [-1,1]")
+    cli._device(a.device)
+    cli._check_out_dir(a.out)
+    ref = load_reference(a.reference, a.reference_samples, a.generator)  # before any model is loaded
+    G, S, device, _, probe = _setup(a, concept=False, dissects=False)
+    _ks("--ks", a.ks, probe["layers"][a.layer][0])
+    for flag, n in (("--samples", a.samples), ("--eval-samples", a.eval_samples)):
+        cli._check_samples(flag, n, probe)
+    ref = ref.to(device)
+    res = artifact_scores(G, S, a.layer, ref, n_samples=a.samples, seed=a.seed, top=top, ks=a.ks,
                           n_eval=a.eval_samples, batch_size=a.batch_size, progress=not a.quiet)
     _write(a, "artifacts", res.to_json(), {"artifacts": artifacts_figure(res)})
     rem = res.removal

@@ -1,6 +1,8 @@
 """Reading weight files safely, and loading them with strict key checks that say what is wrong.
 
-- ``torch_load(path)``: ``torch.load`` on the CPU with ``weights_only=True`` unless the caller opts in.
+- ``torch_load(path)``: ``torch.load`` on the CPU with ``weights_only=True`` unless the caller opts in;
+  a file that is empty, truncated or not PyTorch's gives one ``CheckpointError`` naming it, a file that
+  needs trust an ``UntrustedPickleError`` saying how to give it (never torch's own advice).
 - ``load_strict(module, state_dict, layout)``: every key the module needs, no key it does not know,
   every shape right; otherwise one ``CheckpointError`` listing the missing, unexpected and
   mis-shaped keys and naming the layout that was expected.
@@ -9,33 +11,108 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import struct
+import warnings
+import zipfile
 
 import torch
 
-__all__ = ["CheckpointError", "torch_load", "unwrap_state_dict", "strip_prefix", "load_strict"]
+__all__ = ["CheckpointError", "UntrustedPickleError", "explain_load_error", "torch_load", "unwrap_state_dict",
+           "strip_prefix", "load_strict"]
 
 
 class CheckpointError(ValueError):
     """A weight file that is not in the layout a loader expects (the message says how it differs)."""
 
 
-def torch_load(path, trust: bool = False, safe_globals=()):
+class UntrustedPickleError(CheckpointError, PermissionError):
+    """A file that holds Python objects beyond weights: it loads only when the user trusts it."""
+
+
+TRUST_ADVICE = ("if you know where the file comes from, pass --trust-pickle (command line) or "
+                "trust_pickle=True (Python); unpickling runs code stored in the file")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(e) -> str:
+    text = _ANSI.sub("", str(e)).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _from_torch_serialization(exc) -> bool:
+    """Whether ``exc`` was raised inside torch's (un)pickling code (torch.load)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        f = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if f.endswith(("torch/serialization.py", "torch/_weights_only_unpickler.py")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def explain_load_error(path, exc, what: str = "checkpoint") -> CheckpointError | None:
+    """The clear error for ``exc``, raised by ``torch.load(path)`` (else None: not a reading error).
+
+    A file with pickled objects beyond weights -> ``UntrustedPickleError`` (say how to trust it);
+    an empty, truncated, corrupted or foreign file -> ``CheckpointError`` "not a PyTorch checkpoint";
+    never torch's own advice to load with ``weights_only=False``.
+    """
+    path = os.fspath(path)
+    text = _ANSI.sub("", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        found = f" ({m.group(1)})" if m else ""
+        return UntrustedPickleError(
+            f"{what} {path} holds Python objects beyond tensors and plain containers{found}, so it was not "
+            f"loaded as weights only; {TRUST_ADVICE}")
+    reading = isinstance(exc, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error,
+                               UnicodeDecodeError))
+    if isinstance(exc, (RuntimeError, KeyError, ValueError, AttributeError, IndexError, TypeError, OSError)) \
+            and not isinstance(exc, (FileNotFoundError, PermissionError)) and _from_torch_serialization(exc):
+        reading = True
+    if not reading:
+        return None
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    detail = "the file is empty" if size == 0 else _first_line(exc)
+    if "weights only load failed" in detail.lower():  # torch's advice; the detail is further down
+        m = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
+        detail = _first_line(m.group(1)) if m else "unreadable pickle data"
+    detail = re.split(r"(?<=[a-z)])\. ", detail)[0].rstrip(".")  # the first sentence
+    if len(detail) < 8 or isinstance(exc, OSError):
+        detail = f"unrecognised contents ({type(exc).__name__}: {detail})"
+    return CheckpointError(
+        f"cannot read {what} {path}: not a PyTorch {'checkpoint' if what == 'checkpoint' else 'file'} (or "
+        f"truncated, or corrupted): {detail}; "
+        f"expected a file written by torch.save")
+
+
+def torch_load(path, trust: bool = False, safe_globals=(), what: str = "checkpoint"):
     """The object in ``path``, loaded on the CPU; ``weights_only=True`` unless ``trust``.
 
-    ``safe_globals``: extra classes allowed in a weights-only load (e.g. ``argparse.Namespace``).
+    ``safe_globals``: extra classes allowed in a weights-only load (e.g. ``argparse.Namespace``);
+    ``what``: what the file is, for messages ("checkpoint", "reference tensor", ...).
+    Errors: ``FileNotFoundError`` (no such file), ``UntrustedPickleError`` (the file needs trust),
+    ``CheckpointError`` (empty, truncated or not a PyTorch file), ``ImportError`` (a trusted pickle
+    whose classes cannot be imported), each naming the file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        problem = "is a directory, not a file" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"{what} file {problem}: {path}")
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
+        with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path} holds more than tensors and plain containers, so it was not loaded with "
-            f"weights_only=True ({first}). Loading it in full runs code stored in the file: only do so "
-            f"for a file you trust, with trust_pickle=True.") from e
+    except ImportError as e:  # a trusted pickle naming a module that is not installed
+        raise ImportError(f"{what} {path} needs module {getattr(e, 'name', None) or _first_line(e)!r} "
+                          f"to be unpickled; install or import the code that wrote it") from e
+    except Exception as e:
+        err = explain_load_error(path, e, what)
+        if err is None:
+            raise
+        raise err from e
 
 
 def unwrap_state_dict(obj, keys=("state_dict",)):

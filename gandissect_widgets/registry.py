@@ -11,8 +11,15 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Registry", "GENERATORS", "SEGMENTERS", "register_generator", "register_segmenter",
-           "load_generator", "load_segmenter", "list_generators", "list_segmenters"]
+__all__ = ["Registry", "GENERATORS", "SEGMENTERS", "UnknownNameError", "register_generator", "register_segmenter",
+           "load_generator", "load_segmenter", "list_generators", "list_segmenters", "takes_option"]
+
+
+class UnknownNameError(KeyError):
+    """A generator or segmenter name that is not registered (the message lists the registered ones)."""
+
+    def __str__(self):  # KeyError quotes its message; we want it plain
+        return str(self.args[0])
 
 
 @dataclass
@@ -55,19 +62,36 @@ class Registry:
     def __contains__(self, name):
         return name in self._entries
 
-    def load(self, name: str, /, **options):  # positional-only: a family may take a name= option
+    def _entry(self, name) -> Entry:
         if name not in self._entries:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names()) or '(none)'}")
-        fn = self._entries[name].resolve()
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered {self.kind}s: "
+                                   f"{', '.join(self.names()) or '(none)'}")
+        return self._entries[name]
+
+    def options(self, name: str) -> list[str] | None:
+        """The keyword options the constructor of ``name`` takes (None: any, it takes ``**kwargs``)."""
+        fn = self._entry(name).resolve()
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):
-            sig = None
-        if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-            unknown = sorted(set(options) - set(sig.parameters))
+            return None
+        if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            return None
+        return [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def takes(self, name: str, option: str) -> bool:
+        """Whether the constructor of ``name`` takes ``option`` (True for one taking ``**kwargs``)."""
+        opts = self.options(name)
+        return opts is None or option in opts
+
+    def load(self, name: str, /, **options):  # positional-only: a family may take a name= option
+        fn = self._entry(name).resolve()
+        known = self.options(name)
+        if known is not None:
+            unknown = sorted(set(options) - set(known))
             if unknown:
                 raise TypeError(f"{self.kind} {name!r} does not take option(s) {unknown}; "
-                                f"it takes: {', '.join(sig.parameters) or '(none)'}")
+                                f"it takes: {', '.join(known) or '(none)'}")
         return fn(**options)
 
 
@@ -99,6 +123,12 @@ def load_segmenter(name: str = "sceneworld", /, **options):
     """A segmenter by registered name; options go to its constructor."""
     _builtins()
     return SEGMENTERS.load(name, **options)
+
+
+def takes_option(kind: str, name: str, option: str) -> bool:
+    """Whether the registered ``kind`` ("generator" or "segmenter") ``name`` takes ``option``."""
+    _builtins()
+    return (GENERATORS if kind == "generator" else SEGMENTERS).takes(name, option)
 
 
 def list_generators() -> dict[str, str]:

@@ -199,7 +199,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert rc == 2 and "unknown generator 'nosuch'" in err and "planted" in err
     rc = main(["dissect", "--generator", "planted", "--segmenter", "planted", "--layers", "layer1",
                "--samples", "0", "--out", str(tmp_path / "o"), "--quiet"])
-    assert rc == 2 and "n_samples must be" in capsys.readouterr().err
+    assert rc == 2 and "--samples must be an integer >= 1" in capsys.readouterr().err
     rc = main(["dissect", "--generator", "planted", "--segmenter", "planted", "--layers", "layer1",
                "--samples", "10", "--lanes", "0", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2 and "lanes must be an integer >= 1" in capsys.readouterr().err

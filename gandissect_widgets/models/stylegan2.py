@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gandissect_widgets.checkpoint import CheckpointError, load_strict, torch_load
+from gandissect_widgets.checkpoint import (TRUST_ADVICE, CheckpointError, UntrustedPickleError, load_strict,
+                                          torch_load)
 
 __all__ = ["StyleGAN2Generator", "NvidiaStyleGAN", "load_stylegan2", "stylegan2_from_state_dict", "upfirdn2d"]
 
@@ -374,17 +375,27 @@ class NvidiaStyleGAN(nn.Module):
 
 
 def load_nvidia_pickle(path, trust_pickle=False, truncation=1.0, class_index=None) -> NvidiaStyleGAN:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
     if not trust_pickle:
-        raise PermissionError(
-            f"{path} is a pickle: loading it runs code stored in the file. NVIDIA stylegan2-ada/stylegan3 "
-            "pickles load only when you trust the file and say so with trust_pickle=True.")
+        raise UntrustedPickleError(
+            f"{path} is a pickle (an NVIDIA stylegan2-ada/stylegan3 .pkl): it loads only with trust; {TRUST_ADVICE}")
     missing = [m for m in ("dnnlib", "torch_utils") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
             f"loading NVIDIA pickle {path} needs NVIDIA's code importable; missing module(s) {missing}. Clone "
             "NVlabs/stylegan3 (or stylegan2-ada-pytorch) and add its folder to PYTHONPATH / sys.path.")
-    with open(path, "rb") as f:
-        data = pickle.load(f)  # noqa: S301 - the user said they trust this file
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)  # noqa: S301 - the user said they trust this file
+    except ImportError as e:
+        raise ImportError(f"NVIDIA pickle {path} needs module {getattr(e, 'name', None) or str(e)!r}, which is not "
+                          "importable; add NVIDIA's code (stylegan3 or stylegan2-ada-pytorch) to PYTHONPATH") from e
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, IndexError, TypeError) as e:
+        size = os.path.getsize(path)
+        detail = "the file is empty" if size == 0 else f"{type(e).__name__}: {str(e).strip() or 'no detail'}"
+        raise CheckpointError(f"cannot read NVIDIA pickle {path}: not a pickle (or truncated, or corrupted): "
+                              f"{detail}; expected a network-snapshot .pkl written by NVIDIA's training code") from e
     G = data.get("G_ema") if isinstance(data, dict) else None
     if G is None:
         raise CheckpointError(f"{path} holds no 'G_ema' generator (keys: {list(data)[:10] if isinstance(data, dict) else type(data).__name__})")
