@@ -43,6 +43,7 @@ class AblationPanel(View):
         self.columns = row([])
         self.scale_bar = image_widget(width="320px")  # a key, not a picture to enlarge
         self.scale_bar.add_class("gd-chart")
+        self.scale_bar.add_class("gd-key")  # a key to the pictures: keeps its colours in a dark theme
         self.stats = W.HTML()
         self._toggles: list[W.ToggleButton] = []  # a pool: reused when the candidates change
         self._cells: list[tuple] = []  # a pool of (column, original, edited, difference) per sample

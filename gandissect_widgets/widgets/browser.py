@@ -51,6 +51,7 @@ class UnitBrowser(View):
         self.detail_heat = image_widget()
         self.detail_key = image_widget()
         self.detail_key.add_class("gd-chart")
+        self.detail_key.add_class("gd-key")  # a key to the heat maps: keeps its colours in a dark theme
         side = DETAIL_COLUMNS * size[0] * scale + (DETAIL_COLUMNS - 1) * 2 * scale
         self.detail = W.VBox([self.detail_title, row([self.detail_iou, self.detail_hist]),
                               caption("top samples (mask at the dissection threshold)"), self.detail_samples,
