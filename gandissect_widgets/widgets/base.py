@@ -14,7 +14,7 @@ from gandissect_widgets.engine.progress import Cancelled
 from gandissect_widgets.widgets.snapshot import snapshot_png
 from gandissect_widgets.widgets.worker import LatestWins
 
-__all__ = ["View", "ChoiceButtons", "image_widget", "strength_slider", "pixels", "stylesheet", "row", "caption"]
+__all__ = ["View", "ChoiceButtons", "image_widget", "strength_slider", "pixels", "stylesheet", "row", "caption", "in_browser_order"]
 
 BUSY_AFTER = 0.15  # seconds before "rendering..." shows
 SNAPSHOT_WAIT = 10.0  # seconds a display waits for the first render, for its static picture
@@ -62,6 +62,18 @@ def caption(text: str, **layout):
                   layout=W.Layout(**layout) if layout else W.Layout())
 
 
+def in_browser_order(*widgets):
+    """Have the browser send these widgets' events on the one channel it chose, so the kernel
+    handles them in the order they were made.  ipykernel 7 with JupyterLab's kernel subshells
+    asks the browser to answer each comm on the subshell that last sent to it: a canvas
+    repainted from a worker thread and buttons restyled in a click handler end up on two
+    threads, and a mode click could reach the kernel after the stroke that followed it."""
+    for w in widgets:
+        comm = getattr(w, "comm", None)
+        if comm is not None and hasattr(comm, "_reply_subshell_for"):
+            comm._reply_subshell_for = lambda data, default: default
+
+
 class ChoiceButtons(W.HBox):
     """Buttons of which one is chosen (``value``), like ``ToggleButtons``, but a click reaches the
     kernel as an event, in order with canvas mouse events: a ToggleButtons value is synced state,
@@ -78,6 +90,7 @@ class ChoiceButtons(W.HBox):
             b.add_class("gd-mode")
             b.on_click(lambda _, o=o: setattr(self, "value", o))
             self._buttons[o] = b
+        in_browser_order(*self._buttons.values())
         super().__init__(list(self._buttons.values()))
         self.observe(self._mark, names="value")
         self.value = value if value is not None else options[0]

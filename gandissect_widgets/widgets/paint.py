@@ -17,7 +17,8 @@ import numpy as np
 from ipycanvas import Canvas, hold_canvas
 
 from gandissect_widgets.engine.io import atomic_write_bytes
-from gandissect_widgets.widgets.base import ChoiceButtons, View, caption, image_widget, pixels, row, strength_slider
+from gandissect_widgets.widgets.base import (ChoiceButtons, View, caption, image_widget, in_browser_order, pixels, row,
+                                             strength_slider)
 from gandissect_widgets.widgets.encode import encode_image, enlarge
 
 __all__ = ["PaintWidget", "Stroke"]
@@ -106,6 +107,7 @@ class PaintWidget(View):
         self.picture.add_class("gd-paint-picture")
         self.result.add_class("gd-paint-result")
         c = self.canvas
+        in_browser_order(c)  # strokes in order with the mode buttons' clicks (see in_browser_order)
         c.on_mouse_down(self.safely(self.mouse_down))
         c.on_mouse_move(self.safely(self.mouse_move))
         c.on_mouse_up(self.safely(self.mouse_up))
