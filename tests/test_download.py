@@ -55,13 +55,6 @@ class _Server:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("GANDISSECT_CACHE", str(d))
-    return d
-
-
 def _files_in(d):
     return sorted(p for p in (os.listdir(d) if os.path.isdir(d) else []))
 

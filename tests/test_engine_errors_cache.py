@@ -9,18 +9,7 @@ from torch import nn
 
 import gandissect_widgets as gw
 from gandissect_widgets.cli import main
-from tiny import TinyGenerator, TinySegmenter
-
-
-def run(G=None, S=None, **kw):
-    kw.setdefault("n_samples", 40)
-    kw.setdefault("batch_size", 8)
-    kw.setdefault("progress", False)
-    return gw.dissect(G or TinyGenerator(), S or TinySegmenter(), kw.pop("layers", ["layer2"]), **kw)
-
-
-def files_under(d):
-    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+from tiny import TinyGenerator, TinySegmenter, files_under, run_dissect as run
 
 
 class BadShapeSegmenter(TinySegmenter):

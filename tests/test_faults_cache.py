@@ -21,20 +21,9 @@ import gandissect_widgets as gw
 from gandissect_widgets.engine import dissection as D
 from gandissect_widgets.engine.protocols import NonFiniteError, ProtocolError
 from gandissect_widgets.engine.upsample import upsample
-from tiny import TinyGenerator, TinySegmenter
+from tiny import TinyGenerator, TinySegmenter, files_under, run_dissect as run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(G=None, S=None, **kw):
-    kw.setdefault("n_samples", 40)
-    kw.setdefault("batch_size", 8)
-    kw.setdefault("progress", False)
-    return gw.dissect(G or TinyGenerator(), S or TinySegmenter(), kw.pop("layers", ["layer2"]), **kw)
-
-
-def files_under(d):
-    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
 
 
 def entries_under(d):

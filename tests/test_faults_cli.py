@@ -14,7 +14,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +24,7 @@ import gandissect_widgets as gw
 from gandissect_widgets import cli
 from gandissect_widgets.cli import main
 from gandissect_widgets.registry import GENERATORS
+from tiny_real import write_nvidia_standin
 
 P = ["--generator", "planted", "--segmenter", "planted", "--device", "cpu", "--quiet"]
 DIS = ["dissect", *P, "--layers", "layer1", "--samples", "20"]
@@ -387,31 +387,7 @@ def test_help_exits_0(capsys):
 
 def test_trust_pickle_reaches_the_loader(tmp_path, monkeypatch, capsys):
     """--trust-pickle is passed to a family that takes trust_pickle (a stand-in NVIDIA pickle)."""
-    (tmp_path / "dnnlib").mkdir()
-    (tmp_path / "dnnlib" / "__init__.py").write_text("")
-    (tmp_path / "torch_utils").mkdir()
-    (tmp_path / "torch_utils" / "__init__.py").write_text("")
-    (tmp_path / "torch_utils" / "faultnet.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-        class Mapping(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(8, 8)
-            def forward(self, z, c, truncation_psi=1):
-                return self.fc(z)[:, None].repeat(1, 2, 1) * truncation_psi
-        class Synthesis(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.b4 = nn.Linear(8, 3 * 16)
-            def forward(self, ws, noise_mode='random', force_fp32=False):
-                return torch.tanh(self.b4(ws[:, 0]).view(-1, 3, 4, 4))
-        class G(nn.Module):
-            z_dim, c_dim = 8, 0
-            def __init__(self):
-                super().__init__()
-                self.mapping, self.synthesis = Mapping(), Synthesis()
-    """))
+    write_nvidia_standin(tmp_path, "faultnet")
     monkeypatch.syspath_prepend(str(tmp_path))
     for m in ("dnnlib", "torch_utils", "torch_utils.faultnet"):
         monkeypatch.delitem(sys.modules, m, raising=False)

@@ -477,13 +477,6 @@ def test_real_full_disk_arrays_fit_but_dissect_json_does_not(tiny_fs):
 
 # -- 3. every cached file is checked against a recorded hash -----------------------------------------
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    c = tmp_path / "cache"
-    monkeypatch.setenv("GANDISSECT_CACHE", str(c))
-    return c
-
-
 def test_unhashed_download_records_and_checks_its_hash(cache):
     data = os.urandom(5000)
     with _Server({"/f/labels.json": data}) as srv:

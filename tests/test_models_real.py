@@ -3,7 +3,6 @@ import argparse
 import json
 import pickle
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from gandissect_widgets.checkpoint import CheckpointError
 from gandissect_widgets.models import adapt_generator
 from gandissect_widgets.models.stylegan2 import upfirdn2d
 
-from tiny_real import tiny_progan, tiny_stylegan2
+from tiny_real import tiny_progan, tiny_stylegan2, write_nvidia_standin
 
 
 def _same_prefix(G):
@@ -161,32 +160,7 @@ def test_nvidia_pickle_needs_trust_and_nvidia_code(tmp_path, monkeypatch):
         with pytest.raises(ImportError, match="dnnlib"):
             gw.load_generator("stylegan2", checkpoint=pkl, trust_pickle=True)
     # a stand-in for NVIDIA's code: torch_utils defines the pickled class, dnnlib exists
-    (tmp_path / "dnnlib").mkdir()
-    (tmp_path / "dnnlib" / "__init__.py").write_text("")
-    (tmp_path / "torch_utils").mkdir()
-    (tmp_path / "torch_utils" / "__init__.py").write_text("")
-    (tmp_path / "torch_utils" / "fakenet.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-        class Mapping(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(8, 8)
-            def forward(self, z, c, truncation_psi=1):
-                return self.fc(z)[:, None].repeat(1, 2, 1) * truncation_psi
-        class Synthesis(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.b4 = nn.Linear(8, 3 * 16)
-            def forward(self, ws, noise_mode='random', force_fp32=False):
-                assert noise_mode == 'const' and force_fp32
-                return torch.tanh(self.b4(ws[:, 0]).view(-1, 3, 4, 4))
-        class G(nn.Module):
-            z_dim, c_dim, img_resolution = 8, 0, 4
-            def __init__(self):
-                super().__init__()
-                self.mapping, self.synthesis = Mapping(), Synthesis()
-    """))
+    write_nvidia_standin(tmp_path, "fakenet")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         from torch_utils.fakenet import G as FakeG

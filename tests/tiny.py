@@ -67,3 +67,18 @@ class TinySegmenter(nn.Module):
         other = torch.where(lab <= 2, torch.full_like(lab, len(self.labels) - 1),
                             torch.where(lab == 3, lab, torch.zeros_like(lab)))
         return torch.stack([lab, other], 1)
+
+
+def run_dissect(G=None, S=None, **kw):
+    """A small dissection of the tiny models (layer2, 40 samples, batches of 8), quietly."""
+    import gandissect_widgets as gw
+    kw.setdefault("n_samples", 40)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("progress", False)
+    return gw.dissect(G or TinyGenerator(), S or TinySegmenter(), kw.pop("layers", ["layer2"]), **kw)
+
+
+def files_under(d):
+    """Every file below ``d``, relative to it, sorted (what a run left behind)."""
+    import os
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)

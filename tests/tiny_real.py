@@ -94,3 +94,37 @@ def tiny_ade_parts(width=8, ppm_dim=16, num_class=150, seed=0):
     randomize(enc, seed)
     randomize(dec, seed + 1)
     return enc.eval(), dec.eval()
+
+
+NVIDIA_STANDIN = """
+import torch
+from torch import nn
+class Mapping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+    def forward(self, z, c, truncation_psi=1):
+        return self.fc(z)[:, None].repeat(1, 2, 1) * truncation_psi
+class Synthesis(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b4 = nn.Linear(8, 3 * 16)
+    def forward(self, ws, noise_mode='random', force_fp32=False):
+        assert noise_mode == 'const' and force_fp32
+        return torch.tanh(self.b4(ws[:, 0]).view(-1, 3, 4, 4))
+class G(nn.Module):
+    z_dim, c_dim, img_resolution = 8, 0, 4
+    def __init__(self):
+        super().__init__()
+        self.mapping, self.synthesis = Mapping(), Synthesis()
+"""
+
+
+def write_nvidia_standin(root, module: str):
+    """A stand-in for NVIDIA's code under ``root``: ``dnnlib`` exists and ``torch_utils.<module>``
+    defines a tiny StyleGAN-like ``G`` (what their pickles need on the path)."""
+    for pkg in ("dnnlib", "torch_utils"):
+        os.makedirs(os.path.join(root, pkg), exist_ok=True)
+        open(os.path.join(root, pkg, "__init__.py"), "w").close()
+    with open(os.path.join(root, "torch_utils", f"{module}.py"), "w") as f:
+        f.write(NVIDIA_STANDIN)
