@@ -68,17 +68,12 @@ class AblationPanel(View):
         self.refresh()
 
     # the pictures of sample i: self.originals[i], self.editeds[i], self.differences[i]
-    @property
-    def originals(self):
-        return [c[1] for c in self._cells if c[0].layout.display != "none"]
+    def _pictures(self, row: int) -> list:
+        return [c[1 + row] for c in self._cells if c[0].layout.display != "none"]
 
-    @property
-    def editeds(self):
-        return [c[2] for c in self._cells if c[0].layout.display != "none"]
-
-    @property
-    def differences(self):
-        return [c[3] for c in self._cells if c[0].layout.display != "none"]
+    originals = property(lambda self: self._pictures(0))
+    editeds = property(lambda self: self._pictures(1))
+    differences = property(lambda self: self._pictures(2))
 
     # -- state ---------------------------------------------------------------------------------
     def candidates(self) -> list[int]:

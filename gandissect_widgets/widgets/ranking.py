@@ -46,7 +46,8 @@ class IouRanking(View):
         self.layer.observe(self.safely(self._layer_changed), names="value")
         self.metric.observe(self.safely(lambda ch: self.refresh()), names="value")
         self.topk.observe(self.safely(lambda ch: self.select_top(ch["new"])), names="value")
-        self.units.observe(self.safely(lambda ch: self._draw()), names="value")
+        self._refreshing = False
+        self.units.observe(self.safely(lambda ch: self._refreshing or self._draw()), names="value")
         self.send.on_click(self.safely(lambda b: self.send_selection()))
         self.compute_ace.on_click(self.safely(lambda b: self.run_ace()))
         s.observe(self._session_changed, names=["concept", "layer", "ace"])
@@ -76,11 +77,15 @@ class IouRanking(View):
             return
         self.clear_error()
         order = self.ranked()
-        with self.hold_trait_notifications():
-            self.units.options = [(f"unit {u:>4}  {self.metric.value} {sc[u]:.3f}", u)
-                                  for u in order[:max(self.shown, 50)]]
-            self.topk.max = max(1, min(50, len(order)))
-        self.select_top(self.topk.value)
+        self._refreshing = True  # one chart for the whole refresh, not one per list change
+        try:
+            with self.hold_trait_notifications():
+                self.units.options = [(f"unit {u:>4}  {self.metric.value} {sc[u]:.3f}", u)
+                                      for u in order[:max(self.shown, 50)]]
+                self.topk.max = max(1, min(50, len(order)))
+            self.select_top(self.topk.value)
+        finally:
+            self._refreshing = False
         self._draw()  # also when the selection came out the same as before
 
     def select_top(self, k: int):
