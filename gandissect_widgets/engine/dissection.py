@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
 from gandissect_widgets.engine.io import atomic_write_bytes, cache_key
+from gandissect_widgets.engine.layer_listing import describe_output
 from gandissect_widgets.engine.protocols import (NonFiniteError, ProtocolError, check_generator, check_images,
                                                  check_sample_z, check_segmenter, fingerprint, model_device,
                                                  sample_latents, segment)
@@ -489,13 +490,14 @@ class _Run:
 
     # -- forward ------------------------------------------------------------------------------
     def probe(self):
-        order, shapes, sizes = [], {}, {}
+        order, shapes, sizes, kinds = [], {}, {}, {}
         z = self.z[:1].to(self.device)
 
         def record(out, name):
             if name not in order:
                 order.append(name)
             shapes[name] = tuple(out.shape) if torch.is_tensor(out) else None
+            kinds[name] = describe_output(out)
             sizes[name] = out[0].numel() * out.element_size() if torch.is_tensor(out) and out.shape[0] else 0
             return out
 
@@ -506,7 +508,7 @@ class _Run:
             if name not in order:
                 raise ProtocolError(f"layer {name!r} did not run in a forward pass of {type(self.G).__name__}")
             if shapes[name] is None or len(shapes[name]) != 4:
-                raise ProtocolError(f"layer {name!r} outputs {shapes[name]}; dissection needs a convolutional "
+                raise ProtocolError(f"layer {name!r} outputs {kinds[name]}; dissection needs a convolutional "
                                     "feature map (N,C,h,w)")
         self.order = order
         self.stop_after = order[-1]

@@ -203,7 +203,9 @@ class Session:
     def layers(self) -> list[str]:
         if self.dissection is not None:
             return self.dissection.layers
-        return [n for n, _ in self.generator.named_children()]
+        from gandissect_widgets.engine.layer_listing import feature_maps
+        with self.lock:
+            return [n for n, _ in feature_maps(self.generator)]
 
     def concepts(self) -> list[str]:
         return self.labels[1:]
