@@ -170,3 +170,21 @@ def test_pool_mask():
     assert pool_mask(m, (4, 4), "mean")[0, 0] == pytest.approx(1 / 16)
     with pytest.raises(ValueError):
         pool_mask(m, (4, 4), "median")
+
+
+def test_edit_with_per_sample_unit_weights_equals_one_edit_per_sample():
+    r = torch.randn(6, 4, 3, 3)
+    values = torch.tensor([1.5, -2.0, 3.0, 0.5])
+    units = [2, 0, 3, 1, 2, 0]
+    onehot = torch.nn.functional.one_hot(torch.tensor(units), 4).float()
+    mask = torch.zeros(6, 1, 3, 3)
+    mask[:, :, 1:, :2] = 1
+    for m in (None, mask):
+        got = gw.Edit("l", onehot, values, m).apply(r)
+        for i, u in enumerate(units):
+            one = gw.Edit("l", [u], values[u:u + 1], None if m is None else m[i, 0]).apply(r[i:i + 1])
+            assert torch.equal(got[i:i + 1], one)  # bit for bit: r*(1-1) + k*1 == k, r*1 + k*0 == r
+    with pytest.raises(ValueError, match="5 rows for 6 samples"):
+        gw.Edit("l", onehot[:5], values).apply(r)
+    with pytest.raises(ValueError, match="needs 4 entries"):
+        gw.Edit("l", torch.ones(6, 3)).apply(r)

@@ -10,6 +10,10 @@ What the protocol needs, and what the adapter adds:
   arguments (a class, a truncation), and ``output_range=(0, 1)`` (say) when its images are not in [-1,1].
 - Layers: the adapted generator has exactly the module's layer names (``dict(G.named_modules())``:
   ``"layer4"``, ``"blocks.3.conv"``, ...); a layer you dissect must output a (N,C,h,w) tensor.
+- Re-running from a layer (fast edits): without ``forward=``, the adapter calls the module on z
+  as it is and says so (``resume_module``, ``finish``), so the engine re-runs an
+  ``nn.Sequential`` (nested ones, or one whose output the module returns) from any child.
+- Mode: ``G.training`` is the module's own; ``G.train()``/``G.eval()`` set it.
 
     G = adapt_generator(my_gan, zdim=128, forward=lambda m, z: m(z, truncation=0.7), output_range=(0, 1))
 """
@@ -37,17 +41,35 @@ class AdaptedGenerator(nn.Module):
         self._sample_z, self._forward = sample_z, forward
         self.output_range = tuple(float(v) for v in output_range)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.wrapped.training = mode
-        return self
+    # the mode is the wrapped module's: a module put in eval mode before it was adapted stays so
+    @property
+    def training(self):
+        wrapped = self.__dict__.get("wrapped")
+        return wrapped.training if wrapped is not None else self.__dict__.get("_training", True)
 
-    def forward(self, z):
-        x = self._forward(self.wrapped, z) if self._forward is not None else self.wrapped(z)
+    @training.setter
+    def training(self, mode):
+        wrapped = self.__dict__.get("wrapped")
+        if wrapped is not None:
+            wrapped.training = bool(mode)
+        else:  # nn.Module.__init__, before the module is there
+            self.__dict__["_training"] = bool(mode)
+
+    @property
+    def resume_module(self):
+        """The module ``forward`` calls on z as it is (None with a custom ``forward``): the
+        engine's ``run_from`` re-runs it from a layer, then applies ``finish``."""
+        return self.wrapped if self._forward is None else None
+
+    def finish(self, x):
+        """Images in [-1,1] from the module's output (the ``output_range`` map)."""
         lo, hi = self.output_range
         if (lo, hi) != (-1.0, 1.0):
             x = (x - lo) * (2.0 / (hi - lo)) - 1.0
         return x
+
+    def forward(self, z):
+        return self.finish(self._forward(self.wrapped, z) if self._forward is not None else self.wrapped(z))
 
     def sample_z(self, n: int, seed: int = 0) -> torch.Tensor:
         z = self._sample_z(n, seed)
