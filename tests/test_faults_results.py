@@ -108,7 +108,7 @@ def test_save_layout_names_hashed_arrays_file(saved):
     doc = doc_of(d)
     name = doc["arrays"]["file"]
     assert name.startswith("arrays-") and name.endswith(".npz") and sorted(os.listdir(d)) == sorted(["dissect.json", name])
-    assert set(doc["arrays"]) == {"file", "sha256", "layers"} and doc["version"] == 2
+    assert set(doc["arrays"]) == {"file", "sha256", "layers"} and doc["version"] == results.VERSION
     assert doc["document_sha256"] == document_hash(doc)
     same(D, Dissection.load(d))
 
@@ -246,9 +246,10 @@ def test_missing_or_garbled_files(saved):
 def test_future_version_refused(saved):
     d, _, _ = saved
     doc = doc_of(d)
-    doc["version"] = 3
+    doc["version"] = results.VERSION + 1
     write_doc(d, doc)
-    with pytest.raises(ResultError, match=r"format version 3; this package reads versions 1 to 2"):
+    with pytest.raises(ResultError, match=rf"format version {results.VERSION + 1}; this package reads versions 1 to "
+                                          rf"{results.VERSION}"):
         Dissection.load(d)
 
 

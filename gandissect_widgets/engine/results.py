@@ -26,6 +26,14 @@ Per layer (U units, C = len(labels) concepts, k top samples):
     topk_values    (U, k) float32  those max activations (upsampled maps)
     mean, std, min, max (U,) float64  of the activations (layer grid)
     shape          (3,)   int64    the layer's output shape (C, h, w)
+
+For the whole result (format version 3; keys without a ``/``), when the dissection counted them:
+    concept_position_counts  (C, H, W) int64  samples with concept c at each pixel of the
+                                              segmentation grid (``engine.concept_stats``)
+    concept_position_samples ()        int64  the samples counted (N)
+They give the position-only baseline (``position_baseline``); a result without them (older
+versions) has no baseline and says so (``has_position_baseline``).  The IoU ceiling needs only the
+per-layer counts, so every result has it.  Baselines and ceilings: ``engine.baselines``.
 """
 from __future__ import annotations
 
@@ -39,20 +47,23 @@ import warnings
 
 import numpy as np
 
+from gandissect_widgets.engine import baselines
 from gandissect_widgets.engine.io import (atomic_write_bytes, describe_os_error, fsync_dir, json_bytes, json_clean,
                                           sha256_bytes, sha256_file)
 
-__all__ = ["Dissection", "DEFAULT_MIN_IOU", "FORMAT", "ResultError", "ResultSaveError", "LegacyResultWarning"]
+__all__ = ["Dissection", "DEFAULT_MIN_IOU", "FORMAT", "ResultError", "ResultSaveError", "LegacyResultWarning",
+           "LowCeilingWarning", "NoBaselineError"]
 
 DEFAULT_MIN_IOU = 0.04
 FORMAT = "gandissect-widgets/dissection"
-VERSION = 2  # 2: arrays-<hash>.npz and document_sha256; 1: arrays.npz, only the arrays hashed
+VERSION = 3  # 3: concept position counts; 2: arrays-<hash>.npz and document_sha256; 1: arrays.npz, only the arrays hashed
 MANIFEST = "dissect.json"
 _SPACE_ERRNOS = (_errno.ENOSPC, getattr(_errno, "EDQUOT", _errno.ENOSPC))
 _DOC_HASH = "document_sha256"
 _ARRAYS_NAME = re.compile(r"arrays(-[0-9a-f]{8,64})?\.npz")  # the only files a save ever removes
 _ARRAYS = ("iou", "intersection", "mask_pixels", "concept_pixels", "n_pixels", "thresholds",
            "fraction_above", "topk_indices", "topk_values", "mean", "std", "min", "max", "shape")
+_POSITIONS = ("concept_position_counts", "concept_position_samples")  # of the whole result (keys without '/')
 
 
 class ResultError(ValueError):
@@ -70,6 +81,14 @@ class ResultSaveError(OSError):
 
 class LegacyResultWarning(UserWarning):
     """A result saved by an older version, loaded without checking its JSON (it records no hash of it)."""
+
+
+class LowCeilingWarning(UserWarning):
+    """Concepts whose IoU ceiling at the dissection's threshold is below the interpretability cut-off."""
+
+
+class NoBaselineError(LookupError):
+    """A result without concept position counts (saved before they were counted): no position baseline."""
 
 
 def document_hash(doc: dict) -> str:
@@ -125,7 +144,9 @@ def _previous_arrays(directory):
 class Dissection:
     """Per-layer dissection statistics of one generator against one segmenter."""
 
-    def __init__(self, labels, layers: dict, settings: dict):
+    def __init__(self, labels, layers: dict, settings: dict, concept_positions=None):
+        """``concept_positions``: where each concept sat over the same samples, a
+        ``concept_stats.ConceptPixelCounts`` or its ``arrays()``; None: no position baseline."""
         self.labels = list(labels)
         self._layers = {name: {k: np.asarray(v) for k, v in arrays.items()} for name, arrays in layers.items()}
         self.settings = dict(settings)
@@ -133,6 +154,39 @@ class Dissection:
             missing = [k for k in _ARRAYS if k not in arrays]
             if missing:
                 raise ValueError(f"layer {name!r} lacks arrays {missing}")
+        self._positions = self._check_positions(concept_positions)
+        self._tables = {}  # position_iou_table, computed once
+        self.format_version = VERSION  # of the file it was loaded from
+
+    def _check_positions(self, positions):
+        """The counts as {name: array}, checked against the layers' counts: the same samples."""
+        if positions is None:
+            return None
+        if callable(getattr(positions, "arrays", None)):
+            positions = positions.arrays()
+        if not isinstance(positions, dict) or set(positions) != set(_POSITIONS):
+            raise ValueError(f"concept_positions must be a ConceptPixelCounts or a dict with {list(_POSITIONS)}")
+        counts = np.asarray(positions["concept_position_counts"]).astype(np.int64)
+        samples = int(np.asarray(positions["concept_position_samples"]))
+        if counts.ndim != 3 or counts.shape[0] != len(self.labels):
+            raise ValueError(f"concept position counts of shape {counts.shape} do not fit {len(self.labels)} labels "
+                             f"(expected ({len(self.labels)}, H, W))")
+        area = counts.sum((1, 2))
+        for name, a in self._layers.items():
+            want = np.asarray(a["concept_pixels"]).astype(np.int64)
+            n_pixels = int(a["n_pixels"])
+            if samples * counts.shape[1] * counts.shape[2] != n_pixels or not np.array_equal(area[1:], want[1:]):
+                wrong = [self.labels[c] for c in range(1, len(want)) if area[c] != want[c]]
+                raise ValueError(f"the concept position counts ({samples} samples of {counts.shape[1]}x"
+                                 f"{counts.shape[2]}) are not of the samples layer {name!r} counted ({n_pixels} "
+                                 f"pixels{'; concept areas differ for ' + ', '.join(wrong) if wrong else ''}): "
+                                 f"count the dissection's own segmentations")
+        return {"concept_position_counts": counts, "concept_position_samples": np.asarray(samples, dtype=np.int64)}
+
+    def with_concept_positions(self, concept_positions) -> "Dissection":
+        """This result with concept position counts (``concept_stats.count_samples`` for a result
+        that lacks them), checked to be of the same samples."""
+        return type(self)(self.labels, self._layers, self.settings, concept_positions)
 
     # -- access -------------------------------------------------------------------------------
     @property
@@ -194,6 +248,102 @@ class Dissection:
         col = self.iou(layer)[:, c]
         return np.lexsort((np.arange(col.shape[0]), -col))
 
+    # -- what an IoU is compared with (engine.baselines) ----------------------------------------
+    @property
+    def has_position_baseline(self) -> bool:
+        """Whether the result holds concept position counts (results saved before them do not)."""
+        return self._positions is not None
+
+    @property
+    def concept_positions(self):
+        """(counts (C, H, W) int64, samples N): how many samples had concept c at each pixel."""
+        p = self._need_positions()
+        return p["concept_position_counts"], int(p["concept_position_samples"])
+
+    def _need_positions(self):
+        if self._positions is None:
+            version = self.format_version
+            raise NoBaselineError("this result has no concept position counts"
+                                  + (f" (saved in format version {version}, before they were counted)"
+                                     if version < 3 else "")
+                                  + ", so no position-only baseline: dissect again, or add them with "
+                                  "d.with_concept_positions(concept_stats.count_samples(G, S, n_samples, seed))")
+        return self._positions
+
+    def _quantile(self) -> float:
+        return float(self.settings.get("quantile", 0.99))
+
+    def iou_ceiling(self, layer: str) -> np.ndarray:
+        """(units, concepts) the highest IoU each unit's mask size allows with each concept:
+        ``min(mask_pixels, concept_pixels) / max(...)`` (column 0 is 0)."""
+        a = self._get(layer)
+        return baselines.iou_ceiling(a["mask_pixels"], a["concept_pixels"])
+
+    def concept_ceiling(self, layer: str) -> np.ndarray:
+        """(concepts,) the highest IoU a mask of the threshold's nominal size (``1 - quantile`` of
+        the pixels) allows with each concept."""
+        a = self._get(layer)
+        return baselines.iou_ceiling((1 - self._quantile()) * float(a["n_pixels"]), a["concept_pixels"])
+
+    def _table(self):
+        if "table" not in self._tables:
+            counts, samples = self.concept_positions
+            self._tables["table"] = baselines.position_iou_table(counts, samples)
+        return self._tables["table"]
+
+    def _baseline_at(self, mask_pixels):
+        counts, samples = self.concept_positions
+        k = baselines.mask_size_per_sample(mask_pixels, samples, counts.shape[1] * counts.shape[2])
+        return self._table()[:, k].T if k.ndim else self._table()[:, int(k)]
+
+    def position_baseline(self, layer: str) -> np.ndarray:
+        """(units, concepts) IoU of the best fixed mask (the same pixels in every sample) of each
+        unit's mask size, ``round(mask_pixels / N)`` pixels, with each concept (column 0 is 0).
+        ``NoBaselineError`` for a result without concept position counts."""
+        return self._baseline_at(self._get(layer)["mask_pixels"])
+
+    def concept_baseline(self, layer: str) -> np.ndarray:
+        """(concepts,) the position-only baseline at the threshold's nominal mask size."""
+        counts, samples = self.concept_positions
+        return self._baseline_at((1 - self._quantile()) * counts.shape[1] * counts.shape[2] * samples)
+
+    def unit_baselines(self, layer: str) -> np.ndarray:
+        """(units,) position-only baseline of each unit's label (``NoBaselineError`` if none)."""
+        return self.position_baseline(layer)[np.arange(len(self.thresholds(layer))), self.unit_label_ids(layer)]
+
+    def unit_ceilings(self, layer: str) -> np.ndarray:
+        """(units,) IoU ceiling of each unit with its label."""
+        return self.iou_ceiling(layer)[np.arange(len(self.thresholds(layer))), self.unit_label_ids(layer)]
+
+    def describe_unit(self, layer: str, unit: int) -> str:
+        """'IoU 0.180 (position-only baseline 0.400, ceiling 0.030)' for a unit and its label."""
+        unit = int(unit)
+        base = float(self.unit_baselines(layer)[unit]) if self.has_position_baseline else None
+        return baselines.describe_unit_iou(float(self.unit_ious(layer)[unit]), base,
+                                           float(self.unit_ceilings(layer)[unit]))
+
+    def low_ceiling_concepts(self, min_iou: float = DEFAULT_MIN_IOU) -> list[tuple[str, float]]:
+        """[(label, ceiling)] of concepts whose ceiling (``concept_ceiling``, the lowest over the
+        layers) is below ``min_iou``, lowest first; concepts never segmented are left out."""
+        if not self.layers:
+            return []
+        ceiling = np.min([self.concept_ceiling(l) for l in self.layers], axis=0)
+        return baselines.low_ceiling_concepts(self.labels, ceiling, min_iou)
+
+    def ceiling_warning(self, min_iou: float = DEFAULT_MIN_IOU) -> str | None:
+        """One line naming the concepts no unit can be interpretable for at this threshold, or None."""
+        if not self.layers:
+            return None
+        ceiling = np.min([self.concept_ceiling(l) for l in self.layers], axis=0)
+        return baselines.ceiling_warning_text(self.labels, ceiling, min_iou, self._quantile())
+
+    def warn_low_ceilings(self, min_iou: float = DEFAULT_MIN_IOU) -> str | None:
+        """Warn (``LowCeilingWarning``) with ``ceiling_warning``, if there is one; return its text."""
+        text = self.ceiling_warning(min_iou)
+        if text:
+            warnings.warn(text, LowCeilingWarning, stacklevel=2)
+        return text
+
     def concept_counts(self, layer: str, min_iou: float = DEFAULT_MIN_IOU) -> dict[str, int]:
         """Number of interpretable units per label, most frequent first."""
         mask = self.interpretable(layer, min_iou)
@@ -213,6 +363,9 @@ class Dissection:
             units = [{"unit": int(u), "label": self.labels[int(ids[u])], "iou": float(ious[u]),
                       "threshold": float(thr[u]), "interpretable": bool(interp[u])}
                      for u in range(len(ids))]
+            if self.has_position_baseline:  # beside each unit's IoU, that of its label (ceilings: per_concept)
+                for entry, b in zip(units, self.unit_baselines(name)):
+                    entry["position_baseline"] = float(b)
             iou = self.iou(name)
             top_units = {}
             for c in range(1, len(self.labels)):
@@ -220,12 +373,20 @@ class Dissection:
                 entries = [{"unit": int(u), "iou": float(iou[u, c])} for u in rank if iou[u, c] > 0]
                 if entries:
                     top_units[self.labels[c]] = entries
+            cc = self.concept_ceiling(name)
+            cb = self.concept_baseline(name) if self.has_position_baseline else None
+            per_concept = {self.labels[c]: {"iou_ceiling": float(cc[c]),
+                                            "position_baseline": None if cb is None else float(cb[c])}
+                           for c in range(1, len(self.labels))}
             layers.append({"layer": name, "shape": [int(s) for s in self.array(name, "shape")],
                            "interpretable": int(interp.sum()),
                            "concepts": self.concept_counts(name, min_iou),
-                           "units": units, "top_units": top_units})
+                           "units": units, "top_units": top_units, "per_concept": per_concept})
+        warning = self.ceiling_warning(min_iou)
         return {"format": FORMAT, "version": VERSION, "labels": self.labels, "min_iou": min_iou,
-                "settings": self.settings, "layers": layers}
+                "settings": self.settings,
+                "position_baseline": self.has_position_baseline,
+                "warnings": [warning] if warning else [], "layers": layers}
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory, min_iou: float = DEFAULT_MIN_IOU):
@@ -236,7 +397,12 @@ class Dissection:
         old arrays file is removed.  Returns ``directory``."""
         directory = os.fspath(directory)
         buf = io.BytesIO()
-        np.savez_compressed(buf, **{f"{layer}/{k}": v for layer, a in self._layers.items() for k, v in a.items()})
+        arrays = {f"{layer}/{k}": v for layer, a in self._layers.items() for k, v in a.items()}
+        if self._positions is not None:  # keys without '/': of the whole result
+            counts = self._positions["concept_position_counts"]
+            arrays["concept_position_counts"] = counts.astype(np.int32) if counts.max(initial=0) < 2 ** 31 else counts
+            arrays["concept_position_samples"] = self._positions["concept_position_samples"]
+        np.savez_compressed(buf, **arrays)
         data = buf.getvalue()
         digest = sha256_bytes(data)
         name = f"arrays-{digest[:16]}.npz"
@@ -318,15 +484,21 @@ class Dissection:
             raise ResultError(f"{npz} is corrupt or was edited: its SHA-256 {actual} does not match the "
                               f"{meta['sha256']} recorded in {jpath}; {_recompute_hint(directory)}")
         layers = {name: {} for name in meta["layers"]}
+        positions = {}
         try:
             with np.load(npz, allow_pickle=False) as data:
                 for key in data.files:
+                    if "/" not in key and version >= 3 and key in _POSITIONS:  # of the whole result
+                        positions[key] = data[key]
+                        continue
                     layer, _, name = key.rpartition("/")
-                    if layer not in layers:
+                    if "/" not in key or layer not in layers:
                         raise ResultError(f"{npz} holds arrays of layer {layer!r}, which {jpath} does not list "
                                           f"(it lists {meta['layers']}); {_recompute_hint(directory)}")
                     layers[layer][name] = data[key]
-            return cls(doc["labels"], layers, doc.get("settings", {}))
+            out = cls(doc["labels"], layers, doc.get("settings", {}), positions or None)
+            out.format_version = version  # an older one says why there is no position baseline
+            return out
         except ResultError:
             raise
         except (ValueError, KeyError, OSError, EOFError) as e:
