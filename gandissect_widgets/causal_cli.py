@@ -43,14 +43,9 @@ def _setup(a, concept=True, dissects=True):
 
 
 def _load_dissection(a):
-    from gandissect_widgets.cli import UserError
+    from gandissect_widgets.cli import UserError, check_result_dir
     from gandissect_widgets.engine.results import Dissection
-    if not a.dissection.strip():
-        raise UserError("--dissection is empty; give a directory written by `gandissect dissect` (or leave it out)")
-    if not os.path.isdir(a.dissection):
-        what = "is a file" if os.path.exists(a.dissection) else "does not exist"
-        raise UserError(f"--dissection {a.dissection} {what}; give a directory written by `gandissect dissect`")
-    d = Dissection.load(a.dissection)
+    d = Dissection.load(check_result_dir(a.dissection, "--dissection", optional=True))
     if a.layer not in d.layers:
         raise UserError(f"--dissection {a.dissection} has no layer {a.layer!r}; it has {', '.join(d.layers)}: "
                         f"give one of those, or dissect {a.layer!r} first")

@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-__all__ = ["main", "build_parser", "UserError", "layer_table"]
+__all__ = ["main", "build_parser", "UserError", "check_result_dir", "models_of_result"]
 
 PROG = "gandissect"
 
@@ -41,11 +41,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- arguments ------------------------------------------------------------------------------------
-def _add_model_args(p, with_segmenter=True):
-    p.add_argument("--generator", default="sceneworld", help="registered generator name (default: sceneworld)")
+MODEL_NAME_HELP = ("a registered name, a plug-in's name (`gandissect models` lists both) or an import path "
+                   "package.module:factory (from the current directory or the installed packages)")
+
+
+def _add_model_args(p, with_segmenter=True, default="sceneworld"):
+    """--generator/--segmenter and their checkpoints; ``default=None``: the models --dissection was made with."""
+    said = "default: sceneworld" if default else "default: the one --dissection was made with, else sceneworld"
+    p.add_argument("--generator", default=default, help=f"generator: {MODEL_NAME_HELP} ({said})")
     p.add_argument("--checkpoint", default=None, help="local weights file for the generator family")
     if with_segmenter:
-        p.add_argument("--segmenter", default="sceneworld", help="registered segmenter name (default: sceneworld)")
+        p.add_argument("--segmenter", default=default, help=f"segmenter: {MODEL_NAME_HELP} ({said})")
         p.add_argument("--segmenter-checkpoint", default=None, help="local weights for the segmenter family")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -68,20 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a CPU, batches run through the models at once, one per thread (default 2; 1 uses the least memory)")
     p.add_argument("--topk", type=int, default=20, help="top-activating samples kept per unit")
     p.add_argument("--min-iou", type=float, default=0.04, help="IoU above which a unit is interpretable")
-    p.add_argument("--out", required=True, help="output directory (dissect.json, arrays.npz)")
+    p.add_argument("--out", required=True,
+                   help="output directory (dissect.json, the manifest, and arrays-<hash>.npz)")
     p.add_argument("--cache-dir", default=None,
                    help="cache/resume directory (default: OUT/.cache; 'none' to disable)")
+    p.add_argument("--nonfinite", choices=("error", "skip"), default="error",
+                   help="NaN or infinite images or activations: 'error' (default) stops with a one-line error; "
+                        "'skip' leaves them out of the counts and records what was left out")
+    p.add_argument("--lock-wait", type=float, default=None, metavar="SECONDS",
+                   help="when another process works on the same dissection in the cache: wait at most SECONDS "
+                        "for it (0: not at all) and then give up (default: wait, then load its result)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("layers", help="list a generator's layers with their output shapes")
+    p = sub.add_parser("layers", help="list a generator's feature maps (the layers to dissect) with their shapes")
     _add_model_args(p, with_segmenter=False)
-    p.add_argument("--all", action="store_true", help="also list nested modules")
+    p.add_argument("--all", action="store_true", help="list every module that runs, with its output")
 
     sub.add_parser("models", help="list registered generators and segmenters")
 
     def causal(name, help_):
         p = sub.add_parser(name, help=help_)
-        _add_model_args(p)
+        _add_model_args(p, default=None)
         p.add_argument("--layer", required=True, help="the layer to intervene at")
         p.add_argument("--out", required=True, help="output directory (JSON and PNG figures)")
         p.add_argument("--dissection", default=None,
@@ -383,6 +396,7 @@ def _probe(G, S, layers, device):
     Returns {"layers": {name: (C,h,w)}, "latent_bytes": per sample (with the copies made while
     drawing), "seg_bytes": per sample of the segmentation cache, "labels": S.labels}."""
     from gandissect_widgets.engine.hooks import TraceDict, resolve_layers
+    from gandissect_widgets.engine.layer_listing import describe_output, feature_maps
     from gandissect_widgets.engine.protocols import check_generator, check_images, check_segmenter, segment
     check_generator(G)
     resolve_layers(G, layers)
@@ -411,10 +425,8 @@ def _probe(G, S, layers, device):
             raise UserError(f"layer {name!r} did not run in a forward pass of {type(G).__name__}; "
                             f"choose a layer that runs (see `gandissect layers`)")
         if not torch.is_tensor(out) or out.dim() != 4:
-            what = (f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out)
-                    else f"a {type(out).__name__}" + (f" of {len(out)} items" if isinstance(out, (tuple, list)) else "")
-                    + ", not a tensor")
-            good = [n for n, s in layer_table(G, include_nested=True) if isinstance(s, tuple) and len(s) == 3]
+            what = describe_output(out) + ("" if torch.is_tensor(out) else ", not a tensor")
+            good = [n for n, _ in feature_maps(G)]
             shown = ", ".join(good[:20]) + (" ..." if len(good) > 20 else "")
             raise UserError(f"layer {name!r} outputs {what}; dissection and interventions need a layer whose output "
                             f"is a feature map tensor (N,C,h,w): e.g. {shown or '(none found)'}")
@@ -434,24 +446,6 @@ def _check_concept(concept, labels, segmenter_name):
     if concept not in labels[1:]:
         raise UserError(f"unknown concept {concept!r} for segmenter {segmenter_name!r}; its concepts: "
                         f"{', '.join(map(str, labels[1:]))}")
-
-
-def layer_table(G, include_nested=False):
-    """[(path, output shape)] of the modules that run in a forward of one sample."""
-    from gandissect_widgets.engine.hooks import TraceDict, layer_names
-    names = layer_names(G)
-    if not include_nested:
-        names = [n for n in names if "." not in n]
-    shapes = {}
-
-    def record(out, name):
-        shapes[name] = tuple(out.shape[1:]) if torch.is_tensor(out) else type(out).__name__
-        return out
-
-    dev = next((p.device for p in G.parameters()), torch.device("cpu"))
-    with torch.no_grad(), TraceDict(G, names, retain_output=False, edit_output=record):
-        G(G.sample_z(1, 0).to(dev))
-    return [(n, shapes[n]) for n in names if n in shapes]
 
 
 @contextlib.contextmanager
@@ -485,7 +479,8 @@ def _cache_dir(a):
 
 
 def cmd_dissect(a):
-    from gandissect_widgets.engine.dissection import dissect
+    from gandissect_widgets.engine.dissection import CacheBusyError, dissect
+    from gandissect_widgets.engine.protocols import NonFiniteError
     device = _device(a.device)
     _check_out_dir(a.out)
     cache = _cache_dir(a)
@@ -496,6 +491,8 @@ def cmd_dissect(a):
     _int("--lanes", a.lanes, 1)
     _int("--topk", a.topk, 1)
     _number("--min-iou", a.min_iou, 0, 1, hi_open=True, hint=" (0.04: the papers' cut-off)")
+    if a.lock_wait is not None:
+        _number("--lock-wait", a.lock_wait, 0, hint=" seconds (0: do not wait)")
     if len(set(a.layers)) != len(a.layers):
         raise UserError(f"--layers repeats a layer: {' '.join(a.layers)}; name each layer once")
     G, S = _load_models(a, device)
@@ -503,51 +500,131 @@ def cmd_dissect(a):
     _check_samples("--samples", a.samples, probe, disk_dir=cache or tempfile.gettempdir())
     _run_state["cache"] = cache
     with tidy_on_failure(a.out, cache):
-        d = dissect(G, S, a.layers, n_samples=a.samples, seed=a.seed, quantile=a.quantile, batch_size=a.batch_size,
-                    device=device, cache_dir=cache, topk=a.topk, progress=not a.quiet, lanes=a.lanes,
-                    generator_name=a.generator, segmenter_name=a.segmenter)
+        try:
+            d = dissect(G, S, a.layers, n_samples=a.samples, seed=a.seed, quantile=a.quantile,
+                        batch_size=a.batch_size, device=device, cache_dir=cache, topk=a.topk, progress=not a.quiet,
+                        lanes=a.lanes, generator_name=a.generator, segmenter_name=a.segmenter,
+                        nonfinite=a.nonfinite, lock_wait=a.lock_wait)
+        except NonFiniteError as e:
+            raise UserError(f"{e}; on the command line: --nonfinite skip") from e
+        except CacheBusyError as e:
+            raise UserError(f"{e}; on the command line: leave --lock-wait out to wait for it and load its result, "
+                            f"or give another --cache-dir") from e
+        d.settings["models"] = _models_record(a)
         d.save(a.out, min_iou=a.min_iou)
     for layer in d.layers:
         counts = d.concept_counts(layer, a.min_iou)
         print(f"{layer}: {int(d.interpretable(layer, a.min_iou).sum())}/{len(d.thresholds(layer))} "
               f"interpretable units; " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print(f"wrote {os.path.join(a.out, 'dissect.json')} and {os.path.join(a.out, 'arrays.npz')}")
+    skipped = d.settings.get("nonfinite_skipped")
+    if skipped:
+        print(f"left out as not finite (--nonfinite skip): {json.dumps(skipped)}")
+    with open(os.path.join(a.out, "dissect.json")) as f:
+        arrays = json.load(f)["arrays"]["file"]
+    print(f"wrote {os.path.join(a.out, 'dissect.json')} and {os.path.join(a.out, arrays)}")
+
+
+def _models_record(a) -> dict:
+    """How the models of this run load again (kept in dissect.json's settings, read by models_of_result)."""
+    from gandissect_widgets.registry import origin
+    out = {}
+    for kind, name, ckpt in (("generator", a.generator, a.checkpoint),
+                             ("segmenter", a.segmenter, a.segmenter_checkpoint)):
+        out[kind] = dict(origin(kind, name), checkpoint=os.path.abspath(ckpt) if ckpt else None,
+                         trust_pickle=bool(a.trust_pickle))
+    return out
+
+
+def models_of_result(directory) -> dict:
+    """{kind: {"name", "checkpoint", ...}} that the result in ``directory`` records ({} where it records
+    none, or cannot be read: loading it says why).  Results older than the record give their names."""
+    try:
+        with open(os.path.join(directory, "dissect.json")) as f:
+            settings = json.load(f).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(settings, dict):
+        return {}
+    recorded = settings.get("models") if isinstance(settings.get("models"), dict) else {}
+    out = {}
+    for kind in ("generator", "segmenter"):
+        r = recorded.get(kind) if isinstance(recorded.get(kind), dict) else {}
+        name = r.get("name") or settings.get(kind)
+        if isinstance(name, str) and name:
+            ckpt = r.get("checkpoint")
+            out[kind] = {"name": name, "checkpoint": ckpt if isinstance(ckpt, str) and ckpt else None}
+    return out
+
+
+def fill_models_from(a, directory):
+    """--generator/--segmenter left out (None): the ones the result in ``directory`` was made with, with
+    their checkpoints unless --checkpoint is given (else sceneworld)."""
+    from gandissect_widgets.registry import refuse_code_inside
+    recorded = models_of_result(directory) if directory else {}
+    for kind, ckpt_flag in (("generator", "checkpoint"), ("segmenter", "segmenter_checkpoint")):
+        r = recorded.get(kind, {})
+        if getattr(a, kind, "?") is None:
+            if r.get("name"):
+                refuse_code_inside(r["name"], directory, kind)
+            setattr(a, kind, r.get("name") or "sceneworld")
+        if getattr(a, ckpt_flag, "?") is None and r.get("name") == getattr(a, kind, None) and r.get("checkpoint"):
+            setattr(a, ckpt_flag, r["checkpoint"])
 
 
 def cmd_layers(a):
+    from gandissect_widgets.engine.layer_listing import feature_maps, module_outputs
     G = _load_models(a, _device(a.device), segmenter=False)
-    rows = layer_table(G, include_nested=a.all)
+    rows = module_outputs(G) if a.all else feature_maps(G)
     if not rows:
-        raise UserError(f"generator {a.generator!r} has no layers that run in a forward pass")
+        raise UserError(f"generator {a.generator!r} has no layers that run in a forward pass" if a.all else
+                        f"generator {a.generator!r} has no layer whose output is a feature map (N,C,h,w); "
+                        f"`gandissect layers --all` lists every module that runs, with its output")
     width = max(len(n) for n, _ in rows)
     for n, s in rows:
         print(f"{n:<{width}}  {s}")
 
 
 def cmd_models(a):
-    from gandissect_widgets.registry import list_generators, list_segmenters
-    print(json.dumps({"generators": list_generators(), "segmenters": list_segmenters()}, indent=1))
+    from gandissect_widgets.registry import list_models
+    for kind, entries in list_models().items():
+        print(f"{kind}:")
+        unused = entries.pop("(not used)", [])
+        width = max((len(n) for n in entries), default=0)
+        for name, e in entries.items():
+            print(f"  {name:<{width}}  [{e['from']}]" + (f" {e['description']}" if e["description"] else ""))
+        for line in unused:
+            print(f"  (not used) {line}")
+    print("or any import path package.module:factory (a function or class returning the model), "
+          "e.g. --generator mygan:make_generator")
+
+
+def check_result_dir(given, what, optional=False):
+    """``given`` names a directory written by `gandissect dissect` (checked before anything is loaded)."""
+    advice = "give a directory written by `gandissect dissect`" + (" (or leave it out)" if optional else "")
+    if not given.strip():
+        raise UserError(f"{what} is empty; {advice}")
+    if not os.path.isdir(given):
+        why = "it is a file" if os.path.exists(given) else "the folder does not exist"
+        raise UserError(f"no dissect.json in {what} {given!r}: {why}; {advice}")
+    if not os.path.isfile(os.path.join(given, "dissect.json")):
+        raise UserError(f"no dissect.json in {what} {given!r}: not a saved dissection; {advice}")
+    return given
 
 
 def cmd_report_checked(a):
     from gandissect_widgets.report.html import cmd_report
-    if not a.dir.strip():
-        raise UserError("the report's DIR is empty; give a directory written by `gandissect dissect`")
-    if not os.path.isdir(a.dir):
-        what = "it is a file" if os.path.exists(a.dir) else "the folder does not exist"
-        raise UserError(f"no dissect.json in {a.dir!r}: {what}; give a directory written by `gandissect dissect`")
-    if not os.path.isfile(os.path.join(a.dir, "dissect.json")):
-        raise UserError(f"no dissect.json in {a.dir!r}: not a saved dissection; give a directory written by "
-                        f"`gandissect dissect`")
+    check_result_dir(a.dir, "the report's DIR")
     if a.out is not None:
         _check_out_file(a.out)
     else:
         _check_writable_dir(os.path.abspath(a.dir), "the report's DIR", a.dir)
     _int("--samples-per-unit", a.samples_per_unit, 1)
+    _int("--top-units", a.top_units, 0)
     if not a.no_pictures:
         a.device = _device(a.device)
     _check_checkpoint_arg("--checkpoint", a.checkpoint)
     _check_checkpoint_arg("--segmenter-checkpoint", a.segmenter_checkpoint)
+    fill_models_from(a, a.dir)
     cmd_report(a)
 
 
@@ -677,6 +754,8 @@ def main(argv=None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        if args.command in ("ace", "optimize", "context", "artifacts"):
+            fill_models_from(args, args.dissection if args.dissection and os.path.isdir(args.dissection) else None)
         commands[args.command](args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

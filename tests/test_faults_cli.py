@@ -8,7 +8,10 @@ was and still loads; a new ``--out`` path is not created.  A few cases run in a 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import json
+import math
 import os
 import pickle
 import shutil
@@ -23,7 +26,8 @@ from torch import nn
 import gandissect_widgets as gw
 from gandissect_widgets import cli
 from gandissect_widgets.cli import main
-from gandissect_widgets.registry import GENERATORS
+from gandissect_widgets.registry import GENERATORS, SEGMENTERS
+from tiny import TinyGenerator, TinySegmenter
 from tiny_real import write_nvidia_standin
 
 P = ["--generator", "planted", "--segmenter", "planted", "--device", "cpu", "--quiet"]
@@ -61,11 +65,23 @@ class TupleGenerator(nn.Module):
         return torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
 
 
+class NaNImages(TinyGenerator):
+    """Samples whose first latent is above 1 are all NaN."""
+
+    def forward(self, z):
+        x = super().forward(z)
+        return torch.where((z[:, 0] > 1.0)[:, None, None, None], torch.full_like(x, math.nan), x)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def tuple_generator():
     GENERATORS.register("faults-tuple", lambda device="cpu": TupleGenerator().to(device), "test", overwrite=True)
+    GENERATORS.register("faults-nan", lambda device="cpu": NaNImages().to(device), "test", overwrite=True)
+    SEGMENTERS.register("faults-seg", lambda device="cpu": TinySegmenter().to(device), "test", overwrite=True)
     yield
     GENERATORS.unregister("faults-tuple")
+    GENERATORS.unregister("faults-nan")
+    SEGMENTERS.unregister("faults-seg")
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +223,15 @@ CASES = [
                  id="seed-negative"),
     pytest.param([*DIS, "--out", "{out}", "--samples", "abc"], ["invalid int value: 'abc'", "--help"], None,
                  id="samples-not-a-number"),
+    pytest.param([*DIS, "--out", "{out}", "--lock-wait", "-1"], ["--lock-wait must be a finite number >= 0", "-1"],
+                 None, id="lock-wait-negative"),
+    pytest.param([*DIS, "--out", "{out}", "--lock-wait", "nan"], ["--lock-wait", "finite number", "nan"], None,
+                 id="lock-wait-nan"),
+    pytest.param([*DIS, "--out", "{out}", "--nonfinite", "ignore"], ["--nonfinite", "invalid choice: 'ignore'"],
+                 None, id="nonfinite-unknown"),
+    pytest.param(["dissect", "--generator", "faults-nan", "--segmenter", "faults-seg", "--layers", "layer2",
+                  "--samples", "40", "--out", "{new}", "--quiet", "--cache-dir", "none"],
+                 ["non-finite values (NaN or inf)", "images:", "--nonfinite skip"], None, id="nan-images"),
     pytest.param(["dissect", *P, "--out", "{out}"], ["required", "--layers"], None, id="layers-missing"),
     # names and layers
     pytest.param([*DIS[:-4], "--layers", "nope", "--out", "{out}"], ["unknown layer 'nope'", "layer1"], None,
@@ -417,3 +442,102 @@ def test_torch_load_messages(world):
         torch_load(world.root / "objects.pt")
     assert isinstance(e.value, PermissionError) and "weights_only=False" not in str(e.value)
     assert torch_load(world.root / "objects.pt", trust=True)["args"].size == 64
+
+
+# -- the dissection options of the Python API, from the command line -------------------------------------
+def test_nonfinite_skip_leaves_the_samples_out(tmp_path, capsys):
+    """--nonfinite skip: the NaN samples are left out of the counts, recorded, and said."""
+    n = 40
+    bad = int((NaNImages().sample_z(n, 1)[:, 0] > 1.0).sum())
+    assert 0 < bad < n
+    out = tmp_path / "skip"
+    assert main(["dissect", "--generator", "faults-nan", "--segmenter", "faults-seg", "--layers", "layer2",
+                 "--samples", str(n), "--out", str(out), "--quiet", "--nonfinite", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert f'left out as not finite (--nonfinite skip): {{"images": {bad}' in printed
+    d = gw.Dissection.load(out)
+    assert d.settings["nonfinite"] == "skip" and d.settings["nonfinite_skipped"]["images"] == bad
+    assert int(d.array("layer2", "n_pixels")) == (n - bad) * 16 * 16
+
+
+def test_lock_wait_gives_up_on_a_busy_cache(tmp_path, capsys):
+    """--lock-wait 0 while another holder has the work directory's lock: one line, status 2; free: it runs."""
+    argv = [*DIS, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    (entry,) = (tmp_path / "cache").iterdir()
+    (entry / "dissect.json").unlink()  # as if the other process had not finished it yet
+    for f in entry.iterdir():
+        f.unlink()
+    (entry / "work").mkdir()
+    capsys.readouterr()
+    fd = os.open(entry / "work" / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"4242")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # flock: a second open file conflicts even in one process
+        before = snapshot(tmp_path / "o")
+        assert main([*argv, "--lock-wait", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("gandissect: error: another process (pid 4242) is working")
+        assert "leave --lock-wait out" in err and snapshot(tmp_path / "o") == before
+    finally:
+        os.close(fd)
+    assert main([*argv, "--lock-wait", "0"]) == 0
+
+
+def test_dissect_says_the_files_it_wrote(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main([*DIS, "--out", str(out), "--cache-dir", "none"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    arrays = json.loads((out / "dissect.json").read_text())["arrays"]["file"]
+    assert arrays.startswith("arrays-") and (out / arrays).is_file()
+    assert last == f"wrote {out / 'dissect.json'} and {out / arrays}"
+
+
+# -- trust, in every loader that reads pickles ----------------------------------------------------------
+def _trusting_planted(checkpoint=None, device="cpu", trust_pickle=False):
+    """The planted generator, from a file that holds a Python object beside its settings (needs trust)."""
+    from gandissect_widgets.checkpoint import torch_load
+    from gandissect_widgets.models.planted import load_planted_generator
+    doc = torch_load(checkpoint, trust=trust_pickle)
+    return load_planted_generator(seed=doc["seed"], device=device)
+
+
+def test_report_takes_trust_pickle(tmp_path, capsys):
+    """The report reloads the recorded model and checkpoint; a file that needs trust is said, not a dead end."""
+    GENERATORS.register("faults-trusting", _trusting_planted, "test", overwrite=True)
+    try:
+        torch.save({"seed": 0, "meta": SimpleNamespace(note="an object")}, tmp_path / "g.pt")
+        res = tmp_path / "res"
+        assert main(["dissect", "--generator", "faults-trusting", "--checkpoint", str(tmp_path / "g.pt"),
+                     "--trust-pickle", "--segmenter", "planted", "--layers", "layer1", "--samples", "20",
+                     "--out", str(res), "--quiet", "--device", "cpu", "--cache-dir", "none"]) == 0
+        rec = json.loads((res / "dissect.json").read_text())["settings"]["models"]["generator"]
+        assert rec["name"] == "faults-trusting" and rec["checkpoint"] == str(tmp_path / "g.pt")
+        assert rec["trust_pickle"] is True  # recorded, never applied without the flag
+        capsys.readouterr()
+        assert main(["report", str(res), "--quiet", "--device", "cpu"]) == 0
+        err = capsys.readouterr().err
+        assert "No pictures" in err and "--trust-pickle" in err and "g.pt" in err
+        assert "id='no-pictures'" in (res / "report.html").read_text()
+        assert main(["report", str(res), "--quiet", "--device", "cpu", "--trust-pickle"]) == 0
+        out = capsys.readouterr().out
+        assert "pictures of 16 of 16 units" in out
+        assert "id='no-pictures'" not in (res / "report.html").read_text()
+    finally:
+        GENERATORS.unregister("faults-trusting")
+
+
+def test_upernet_folder_takes_trust_pickle(tmp_path):
+    """A local UPerNet folder whose encoder file holds an object beside its weights: refused, then trusted."""
+    from gandissect_widgets.checkpoint import UntrustedPickleError
+    from tiny_real import save_upp, tiny_upp_parts
+    enc, dec = tiny_upp_parts()
+    folder = save_upp(str(tmp_path / "upp"), enc, dec)
+    torch.save({"state_dict": enc.state_dict(), "args": SimpleNamespace(arch="resnet50")},
+               os.path.join(folder, "encoder_epoch_40.pth"))
+    with pytest.raises(UntrustedPickleError, match="encoder_epoch_40.pth.*trust_pickle=True"):
+        gw.load_segmenter("upernet", checkpoint=folder, segsizes=None)
+    S = gw.load_segmenter("upernet", checkpoint=folder, segsizes=None, trust_pickle=True)
+    assert torch.equal(S.encoder.conv1.weight, enc.conv1.weight)
+    from gandissect_widgets.registry import takes_option
+    assert takes_option("segmenter", "upernet", "trust_pickle")  # so --trust-pickle reaches it

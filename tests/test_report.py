@@ -78,6 +78,39 @@ def test_report_without_the_model(report_dir, tmp_path, capsys):
     assert "no dissect.json" in capsys.readouterr().err
 
 
+def drawn(page_html, layer):
+    section = page_html.split(f"id='layer-{layer}'", 1)[1].split("</section>", 1)[0]
+    return [int(u) for u in re.findall(r"data-unit='(\d+)'[^>]*>(?:(?!class='card).)*?class='strip'", section)]
+
+
+def test_report_draws_the_interpretable_and_the_top_units(report_dir, tmp_path, capsys):
+    """By default the pictures are of the interpretable units and the top N by IoU of each layer (a page of
+    every unit of large layers weighs tens of MB); --all-units draws them all; the size is printed."""
+    d = json.load(open(report_dir / "dissect.json"))
+    out = tmp_path / "top2.html"
+    capsys.readouterr()
+    assert main(["report", str(report_dir), "--top-units", "2", "--out", str(out), "--quiet"]) == 0
+    page = out.read_text()
+    want_total = 0
+    for layer in d["layers"]:
+        units = layer["units"]
+        by_iou = sorted(range(len(units)), key=lambda u: (-units[u]["iou"], u))
+        want = [u for u in by_iou if units[u]["interpretable"] or u in by_iou[:2]]  # brute force, in card order
+        assert drawn(page, layer["layer"]) == want
+        assert 2 < len(want) < len(units)
+        want_total += len(want)
+        assert sorted(cards(page, layer["layer"])) == list(range(len(units)))  # every unit keeps its card
+    assert page.count("class='strip'") == want_total
+    assert f"Pictures of {want_total} of 32 units" in page and "--all-units" in page
+    kb = os.path.getsize(out) / 1000
+    assert capsys.readouterr().out == f"wrote {out} ({kb:.1f} KB; pictures of {want_total} of 32 units)\n"
+    out = tmp_path / "all.html"
+    assert main(["report", str(report_dir), "--top-units", "0", "--all-units", "--out", str(out), "--quiet"]) == 0
+    assert out.read_text().count("class='strip'") == 32 and "Pictures of" not in out.read_text()
+    assert main(["report", str(report_dir), "--top-units", "-1", "--out", str(out)]) == 2
+    assert "--top-units must be an integer >= 0" in capsys.readouterr().err
+
+
 def test_report_in_chromium(report_dir):
     playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     if CHROMIUM is None:

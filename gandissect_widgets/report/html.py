@@ -3,15 +3,16 @@
     from gandissect_widgets.report.html import build_report
     build_report("results/sceneworld")            # -> results/sceneworld/report.html
 
-DIR is a directory written by ``gandissect dissect`` (``dissect.json`` + ``arrays.npz``); any
+DIR is a directory written by ``gandissect dissect`` (``dissect.json`` + ``arrays-<hash>.npz``); any
 ``ace.json``, ``context.json``, ``artifacts.json`` or ``optimize.json`` found in DIR or below it
 (written by ``gandissect ace|context|artifacts|optimize``) gets its own section.  The page works
 offline: no external script, style sheet or font; every picture is a ``data:`` URI; sorting the
 unit cards (by IoU, concept or unit) is a few lines of inline JavaScript.
 
-Unit cards show each unit's top-activating dissection samples with its mask; drawing them needs the
-generator and segmenter, loaded by the names recorded in ``dissect.json`` unless others are given.
-When they cannot be loaded the report is written without the pictures and says why.
+Unit cards show each unit's top-activating dissection samples with its mask (by default for the
+interpretable units and the top 20 of each layer); drawing them needs the generator and segmenter,
+loaded as ``dissect.json`` records them (name, plug-in or import path, checkpoint) unless others
+are given.  When they cannot be loaded the report is written without the pictures and says why.
 """
 from __future__ import annotations
 
@@ -100,32 +101,75 @@ def _img(uri, alt, cls="fig") -> str:
 
 
 # -- models and pictures -------------------------------------------------------------------------
-def _load_models(d, generator, segmenter, checkpoint, segmenter_checkpoint, device):
-    """(G, S, notes) or (None, None, notes): the models named in the settings unless others are given."""
+MODELS_ADVICE = ("give the models with --generator and --segmenter: a registered name, a plug-in's name "
+                 "(`gandissect models` lists both) or an import path package.module:factory, with --checkpoint / "
+                 "--segmenter-checkpoint for their weights files")
+
+
+def _load_one(kind, name, checkpoint, device, trust_pickle):
+    """The ``kind`` ``name`` with the options its constructor takes (device, checkpoint, trust_pickle)."""
+    from gandissect_widgets.registry import load_generator, load_segmenter, takes_option
+    opts = {}
+    if takes_option(kind, name, "device"):
+        opts["device"] = device
+    if checkpoint:
+        if not takes_option(kind, name, "checkpoint"):
+            raise ValueError(f"{kind} {name!r} loads no checkpoint, and {checkpoint} was given for it")
+        opts["checkpoint"] = checkpoint
+    if trust_pickle and takes_option(kind, name, "trust_pickle"):
+        opts["trust_pickle"] = True
+    return (load_generator if kind == "generator" else load_segmenter)(name, **opts)
+
+
+def _load_models(d, directory, generator, segmenter, checkpoint, segmenter_checkpoint, device, trust_pickle=False):
+    """(G, S, notes) or (None, None, notes): the models recorded in the settings unless others are given."""
     from gandissect_widgets.engine.protocols import fingerprint
-    from gandissect_widgets.registry import load_generator, load_segmenter
-    gname = generator or d.settings.get("generator")
-    sname = segmenter or d.settings.get("segmenter")
+    from gandissect_widgets.registry import refuse_code_inside
+    recorded = d.settings.get("models") if isinstance(d.settings.get("models"), dict) else {}
+
+    def pick(kind, name, ckpt):
+        r = recorded.get(kind) if isinstance(recorded.get(kind), dict) else {}
+        given = name
+        name = name or r.get("name") or d.settings.get(kind)
+        if ckpt is None and name == r.get("name"):
+            ckpt = r.get("checkpoint")
+        return name, ckpt, given is None
+
+    (gname, checkpoint, g_rec), (sname, segmenter_checkpoint, s_rec) = (
+        pick("generator", generator, checkpoint), pick("segmenter", segmenter, segmenter_checkpoint))
     notes = []
     try:
+        for kind, name, rec in (("generator", gname, g_rec), ("segmenter", sname, s_rec)):
+            if rec and name:
+                refuse_code_inside(name, directory, kind)
         if not gname or not sname:
             raise ValueError("dissect.json records no generator/segmenter name")
-        G = load_generator(gname, device=device, **({"checkpoint": checkpoint} if checkpoint else {}))
-        S = load_segmenter(sname, device=device,
-                           **({"checkpoint": segmenter_checkpoint} if segmenter_checkpoint else {}))
+        G = _load_one("generator", gname, checkpoint, device, trust_pickle)
+        S = _load_one("segmenter", sname, segmenter_checkpoint, device, trust_pickle)
         if list(S.labels) != list(d.labels):
             raise ValueError(f"segmenter {sname!r} has other labels than the dissection's")
     except Exception as e:  # any failure to load means: a report without pictures
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         notes.append(f"No pictures: could not load generator {gname!r} and segmenter {sname!r} "
-                     f"({type(e).__name__}: {msg}). Give them with --generator NAME [--checkpoint PATH] "
-                     f"--segmenter NAME [--segmenter-checkpoint PATH].")
+                     f"({type(e).__name__}: {msg}). To draw them, {MODELS_ADVICE}.")
         return None, None, notes
     want = d.settings.get("generator_fingerprint")
     if want and fingerprint(G) != want:
         notes.append(f"The loaded generator {gname!r} is not the dissected one (its weights differ from "
                      f"fingerprint {want}): the pictures show the loaded model's samples.")
     return G, S, notes
+
+
+def drawn_units(d, layer, min_iou, top_units=20, all_units=False) -> list[int]:
+    """The units whose cards get pictures: every one, or the interpretable ones and the ``top_units``
+    best by IoU (in card order, best first)."""
+    ious = d.unit_ious(layer)
+    order = np.lexsort((np.arange(len(ious)), -ious))
+    if all_units:
+        return [int(u) for u in order]
+    keep = d.interpretable(layer, min_iou)
+    keep[order[:top_units]] = True
+    return [int(u) for u in order if keep[u]]
 
 
 def _unit_strips(session, layer, units, k, chunk=16):
@@ -348,12 +392,23 @@ _JS = """
 
 def build_report(directory, out=None, generator=None, segmenter=None, checkpoint=None, segmenter_checkpoint=None,
                  device=None, samples_per_unit: int = 4, pictures: bool = True, min_iou: float | None = None,
-                 progress: bool = False) -> str:
+                 progress: bool = False, trust_pickle: bool = False, top_units: int = 20,
+                 all_units: bool = False) -> str:
     """Write the HTML report of the dissection in ``directory`` (atomically) and return its path.
 
     out: the HTML file (default ``directory/report.html``).  generator/segmenter (+ checkpoints):
-    the models that draw the unit pictures (default: the names in dissect.json's settings);
-    ``pictures=False`` leaves them out.  min_iou: the interpretability cut-off (default: dissect.json's)."""
+    the models that draw the unit pictures (default: those dissect.json records, with their
+    checkpoints); ``trust_pickle`` is passed to loaders that take it; ``pictures=False`` leaves the
+    pictures out.  Pictures are drawn for the interpretable units and the ``top_units`` best by IoU
+    of each layer (a page of every unit of 4 large layers weighs tens of MB); ``all_units=True``
+    draws every unit.  min_iou: the interpretability cut-off (default: dissect.json's)."""
+    return _build(directory, out, generator, segmenter, checkpoint, segmenter_checkpoint, device, samples_per_unit,
+                  pictures, min_iou, progress, trust_pickle, top_units, all_units)["path"]
+
+
+def _build(directory, out, generator, segmenter, checkpoint, segmenter_checkpoint, device, samples_per_unit,
+           pictures, min_iou, progress, trust_pickle, top_units, all_units) -> dict:
+    """build_report's work; returns {"path", "bytes", "drawn", "units", "notes"}."""
     from gandissect_widgets.engine.io import atomic_write_bytes
     from gandissect_widgets.engine.results import DEFAULT_MIN_IOU, Dissection
     d = Dissection.load(directory)
@@ -363,20 +418,28 @@ def build_report(directory, out=None, generator=None, segmenter=None, checkpoint
     out = out or os.path.join(directory, "report.html")
     if samples_per_unit < 1:
         raise ValueError(f"samples_per_unit must be >= 1, got {samples_per_unit}")
+    if top_units < 0:
+        raise ValueError(f"top_units must be >= 0, got {top_units}")
     notes, strips = [], {layer: {} for layer in d.layers}
+    n_units = sum(int(d.array(layer, "shape")[0]) for layer in d.layers)
     if pictures:
         import torch
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        G, S, notes = _load_models(d, generator, segmenter, checkpoint, segmenter_checkpoint, device)
+        G, S, notes = _load_models(d, directory, generator, segmenter, checkpoint, segmenter_checkpoint, device,
+                                   trust_pickle)
         if G is not None:
             from gandissect_widgets.engine.session import Session
             session = Session(G, S, device=device, dissection=d)
             for layer in d.layers:
+                units = drawn_units(d, layer, min_iou, top_units, all_units)
                 if progress:
-                    print(f"report: drawing the units of {layer}", file=sys.stderr)
-                n = int(d.array(layer, "shape")[0])
+                    print(f"report: drawing {len(units)} units of {layer}", file=sys.stderr)
                 strips[layer] = {u: (_array_uri(a), a.shape[0], a.shape[1]) for u, a in
-                                 _unit_strips(session, layer, list(range(n)), samples_per_unit).items()}
+                                 _unit_strips(session, layer, units, samples_per_unit).items()}
+            drawn = sum(len(v) for v in strips.values())
+            if drawn < n_units:
+                notes.append(f"Pictures of {drawn} of {n_units} units: the interpretable ones and the top "
+                             f"{top_units} by IoU of each layer (--all-units, or all_units=True, draws every unit).")
     else:
         notes.append("No pictures: the report was made with --no-pictures.")
     results = find_results(directory)
@@ -399,8 +462,10 @@ def build_report(directory, out=None, generator=None, segmenter=None, checkpoint
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>GAN dissection report: {_e(s.get('generator', '?'))}</title><style>{_CSS}</style></head>"
             f"<body>{''.join(body)}<script>{_JS}</script></body></html>")
-    atomic_write_bytes(out, page.encode("utf-8"))
-    return out
+    data = page.encode("utf-8")
+    atomic_write_bytes(out, data)
+    return {"path": out, "bytes": len(data), "drawn": sum(len(v) for v in strips.values()), "units": n_units,
+            "notes": notes}
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -410,19 +475,31 @@ def add_parser(sub):
     p.add_argument("dir", help="a directory written by `gandissect dissect` (ace/context/artifacts/optimize JSON "
                                "files in it or below it are included)")
     p.add_argument("--out", default=None, help="the HTML file to write (default: DIR/report.html)")
-    p.add_argument("--generator", default=None, help="generator for the unit pictures (default: as in dissect.json)")
+    p.add_argument("--generator", default=None,
+                   help="generator for the unit pictures: a registered name, a plug-in's name or an import path "
+                        "package.module:factory (default: the one dissect.json records, with its checkpoint)")
     p.add_argument("--checkpoint", default=None, help="local weights file for the generator")
-    p.add_argument("--segmenter", default=None, help="segmenter for the unit masks (default: as in dissect.json)")
+    p.add_argument("--segmenter", default=None,
+                   help="segmenter for the unit masks (default: the one dissect.json records)")
     p.add_argument("--segmenter-checkpoint", default=None, help="local weights for the segmenter")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint that holds pickled Python objects in full (it runs code stored in the "
+                        "file: only for files you know)")
     p.add_argument("--samples-per-unit", type=int, default=4, help="top samples shown per unit (default 4)")
+    p.add_argument("--top-units", type=int, default=20,
+                   help="pictures for the interpretable units and the TOP_UNITS best by IoU of each layer (default 20)")
+    p.add_argument("--all-units", action="store_true", help="pictures for every unit (a larger page)")
     p.add_argument("--no-pictures", action="store_true", help="leave out the unit pictures (no model needed)")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
 def cmd_report(a):
-    path = build_report(a.dir, out=a.out, generator=a.generator, segmenter=a.segmenter, checkpoint=a.checkpoint,
-                        segmenter_checkpoint=a.segmenter_checkpoint, device=a.device,
-                        samples_per_unit=a.samples_per_unit, pictures=not a.no_pictures, progress=not a.quiet)
-    print(f"wrote {path}")
+    from gandissect_widgets.cli import _fmt_bytes
+    r = _build(a.dir, a.out, a.generator, a.segmenter, a.checkpoint, a.segmenter_checkpoint, a.device,
+               a.samples_per_unit, not a.no_pictures, None, not a.quiet, a.trust_pickle, a.top_units, a.all_units)
+    for note in r["notes"]:
+        if note.startswith("No pictures: could not"):
+            print(f"report: {note}", file=sys.stderr)
+    print(f"wrote {r['path']} ({_fmt_bytes(r['bytes'])}; pictures of {r['drawn']} of {r['units']} units)")

@@ -303,11 +303,13 @@ def upernet_from_state_dicts(encoder_sd, decoder_sd, labeldata, source="UPP chec
 
 
 def load_upernet(checkpoint=None, device="cpu", segsizes=(256,), downsample=1, quad=False,
-                 part_objects=DEFAULT_PART_OBJECTS, epoch=40, progress=True):
+                 part_objects=DEFAULT_PART_OBJECTS, epoch=40, progress=True, trust_pickle=False):
     """The UPP segmenter from a folder (labels.json, encoder/decoder_epoch_40.pth), or downloaded to the cache.
 
     Downloaded files are checked against the SHA-256 recorded when they were downloaded before they
-    are read (``download.cached_file``); a folder given as ``checkpoint`` is the user's and is read as is."""
+    are read (``download.cached_file``); a folder given as ``checkpoint`` is the user's and is read as is.
+    Weights load as weights only; ``trust_pickle=True`` (``--trust-pickle``) reads a folder's ``.pth``
+    files that hold other pickled objects in full, which runs code stored in them."""
     files = ["labels.json", f"encoder_epoch_{epoch}.pth", f"decoder_epoch_{epoch}.pth"]
     if checkpoint is None:
         paths = [cached_file(UPP_URL + f, subdir="segmodel/upp-resnet50-upernet", progress=progress) for f in files]
@@ -322,6 +324,7 @@ def load_upernet(checkpoint=None, device="cpu", segsizes=(256,), downsample=1, q
         paths, source = [os.path.join(folder, f) for f in files], folder
     with open(paths[0]) as f:
         labeldata = json.load(f)
-    S = upernet_from_state_dicts(torch_load(paths[1]), torch_load(paths[2]), labeldata, source=source,
+    encoder_sd, decoder_sd = (torch_load(p, trust=trust_pickle) for p in paths[1:])
+    S = upernet_from_state_dicts(encoder_sd, decoder_sd, labeldata, source=source,
                                  segsizes=segsizes, downsample=downsample, quad=quad, part_objects=part_objects)
     return S.to(device)
