@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from gandissect_widgets.engine.concept_stats import ConceptPixelCounts, count_samples
+from gandissect_widgets.engine.concept_stats import ConceptPixelCounts, _add_keys, count_samples
 from tiny import TinyGenerator, TinySegmenter, run_dissect
 
 
@@ -33,6 +33,26 @@ def test_counts_match_brute_force(shape):
     assert int(c.n) == 7 and c.grid == (5, 6) and c.counts.dtype == torch.int64
     np.testing.assert_array_equal(c.area.numpy(), brute(seg, 4).sum((1, 2)))
     assert int(c.counts[0].sum()) == 0  # unlabeled is no concept
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_the_labels_device(device):
+    seg = labels((5, 2, 4, 3), 6, 7).to(device)
+    c = ConceptPixelCounts(6).update(seg)
+    assert c.counts.device.type == device and c.n.device.type == device
+    np.testing.assert_array_equal(c.counts.cpu().numpy(), brute(seg.cpu(), 6))
+
+
+def test_scatter_and_bincount_paths_agree():
+    """The GPU path (a fixed-size scatter) and the CPU path (bincount) count alike, run here on the CPU."""
+    keys = torch.from_numpy(np.random.default_rng(4).integers(0, 50, 999))
+    a, b = torch.zeros(60, dtype=torch.long), torch.zeros(60, dtype=torch.long)
+    _add_keys(a, keys, scatter=True)
+    _add_keys(b, keys, scatter=False)
+    assert torch.equal(a, b) and int(a.sum()) == 999 and torch.equal(a[:50], torch.bincount(keys, minlength=50))
 
 
 def test_batches_and_merge_equal_one_pass():

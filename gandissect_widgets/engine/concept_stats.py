@@ -68,11 +68,7 @@ class ConceptPixelCounts:
             return self
         labels = dedupe_channels(seg.long(), self.concepts)  # void = concepts: each (pixel, concept) once
         keys = labels * (H * W) + torch.arange(H * W, device=seg.device).view(1, 1, H, W)
-        flat = self._counts.view(-1)
-        if seg.device.type == "cpu":
-            flat += torch.bincount(keys.reshape(-1), minlength=flat.numel())[:flat.numel()]
-        else:  # a fixed-size scatter: no host synchronisation (bincount sizes its output by the data)
-            flat.index_add_(0, keys.reshape(-1), torch.ones(1, dtype=torch.long, device=seg.device).expand(keys.numel()))
+        _add_keys(self._counts.view(-1), keys.reshape(-1), scatter=seg.device.type != "cpu")
         self.n += N
         return self
 
@@ -136,6 +132,15 @@ class ConceptPixelCounts:
     def __repr__(self):
         grid = "no grid yet" if self.grid is None else f"grid {self.grid[0]}x{self.grid[1]}"
         return f"<ConceptPixelCounts of {self.concepts} labels, {grid}, {int(self.n)} samples>"
+
+
+def _add_keys(flat, keys, scatter):
+    """flat[k] += how often k occurs in keys: ``bincount`` on a CPU (faster there), else a
+    fixed-size scatter, which needs no host synchronisation (bincount sizes its output by the data)."""
+    if scatter:
+        flat.index_add_(0, keys, torch.ones(1, dtype=flat.dtype, device=flat.device).expand(keys.numel()))
+    else:
+        flat += torch.bincount(keys, minlength=flat.numel())[:flat.numel()]
 
 
 def count_samples(generator, segmenter, n_samples: int, seed: int = 1, batch_size: int = 32, device=None):
