@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gandissect_widgets as gw
-from gandissect_widgets.engine import baselines
+from gandissect_widgets.engine import baselines, results
 from gandissect_widgets.engine.concept_stats import ConceptPixelCounts, count_samples
 from gandissect_widgets.engine.io import json_bytes
 from gandissect_widgets.engine.results import (DEFAULT_MIN_IOU, Dissection, LowCeilingWarning, NoBaselineError,
@@ -217,3 +217,22 @@ def test_planted_units_beat_the_baseline_and_the_warning_names_low_ceilings():
         assert d.warn_low_ceilings() == text
     assert len(rec) == 1 and str(rec[0].message) == text
     assert d.summary()["warnings"] == [text]
+
+
+# -- in the unit browser and the report --------------------------------------------------------------
+
+def test_unit_browser_detail_shows_iou_beside_baseline_and_ceiling():
+    from gandissect_widgets.widgets import UnitBrowser
+    G, S, d = planted_dissection()
+    s = gw.Session(G, S, dissection=d, samples=range(4))
+    b = UnitBrowser(s, per_page=4)
+    assert b.wait()
+    b.click(2)
+    assert b.wait() and b.last_error is None
+    base, ceil = d.unit_baselines("layer1")[2], d.unit_ceilings("layer1")[2]
+    want = f"IoU {d.unit_ious('layer1')[2]:.3f} (position-only baseline {base:.3f}, ceiling {ceil:.3f})"
+    assert "unit 2</b>: blue" in b.detail_title.value and want in b.detail_title.value
+    plain = Dissection(d.labels, {l: {k: d.array(l, k) for k in results._ARRAYS} for l in d.layers}, d.settings)
+    s.set_dissection(plain)  # a result without position counts says so
+    b.click(3)
+    assert b.wait() and "(no position-only baseline, ceiling " in b.detail_title.value

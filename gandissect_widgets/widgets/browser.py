@@ -181,8 +181,8 @@ class UnitBrowser(View):
         lo, hi = float(maps.min()), float(maps.max())
         heat = grid(np.stack([heatmap(m, lo, hi) for m in maps]), cols=DETAIL_COLUMNS)
         key_png = figure_png(heatmap_colorbar_figure(lo, hi, f"activation of unit {unit}"))
-        title = (f"<b>{html.escape(layer)} unit {unit}</b>: {html.escape(d.unit_labels(layer)[unit])} "
-                 f"(IoU {d.unit_ious(layer)[unit]:.3f}); threshold {d.thresholds(layer)[unit]:.3g}")
+        title = (f"<b>{html.escape(layer)} unit {unit}</b>: {html.escape(d.unit_labels(layer)[unit])}, "
+                 f"{html.escape(d.describe_unit(layer, unit))}; threshold {d.thresholds(layer)[unit]:.3g}")
         size = (samples.shape[1] * self.scale, samples.shape[0] * self.scale)
         return (title, iou_png, hist_png, encode_image(samples, "png", self.scale),
                 encode_image(heat, "png", self.scale), key_png, size)
