@@ -240,6 +240,10 @@ def cmd_artifacts(a):
     cli._check_out_dir(a.out)
     ref = load_reference(a.reference, a.reference_samples, a.generator)  # before any model is loaded
     G, S, device, _, probe = _setup(a, concept=False, dissects=False)
+    if not any(callable(getattr(S, f, None)) for f in ("features", "probabilities")):
+        raise cli.UserError(f"artifacts measures Fréchet distances in the segmenter's feature space, and segmenter "
+                            f"{a.segmenter!r} has neither features() nor probabilities(); give a segmenter that has "
+                            f"one of them (sceneworld, planted, upernet, ...)")
     _ks("--ks", a.ks, probe["layers"][a.layer][0])
     for flag, n in (("--samples", a.samples), ("--eval-samples", a.eval_samples)):
         cli._check_samples(flag, n, probe)

@@ -781,5 +781,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m: run the package's module, whose classes the other modules raise
+    from gandissect_widgets.cli import main as _main
+    sys.exit(_main())

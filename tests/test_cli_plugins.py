@@ -39,8 +39,16 @@ def make_generator(device="cpu", checkpoint=None):
     return G.to(device)
 
 
+class SoftSegmenter(TinySegmenter):
+    """TinySegmenter with class probabilities (for optimize and artifacts)."""
+
+    def probabilities(self, x):
+        s = torch.einsum("nchw,kc->nkhw", x, self.w) + self.b.view(1, -1, 1, 1)
+        return torch.cat([torch.zeros_like(s[:, :1]), s.softmax(1)], 1)
+
+
 def make_segmenter(device="cpu"):
-    return TinySegmenter().to(device)
+    return SoftSegmenter().to(device)
 
 
 NOT_CALLABLE = 42
@@ -145,6 +153,21 @@ def test_entry_point_plugin_through_dissect_ace_layers_report(plugin, tmp_path, 
     doc = json.loads((res / "ace" / "ace.json").read_text())
     assert doc["generator"] == "tinygen" and doc["segmenter"] == "tinyseg" and doc["ace"]["layer"] == "layer2"
     check_report(res, capsys)
+
+
+def test_every_causal_command_takes_the_models_of_the_dissection(plugin, tmp_path, capsys):
+    """context, optimize and artifacts given --dissection load its (plug-in) models."""
+    res = tmp_path / "res"
+    assert main(dissect_args("tinygen", "tinyseg", res)) == 0
+    torch.save(torch.rand(8, 3, 16, 16) * 2 - 1, tmp_path / "ref.pt")
+    common = [*RUN, "--dissection", str(res), "--layer", "layer2", "--batch-size", "8"]
+    for cmd, extra in (("context", ["--concept", "c1", "--top", "1", "--samples", "2", "--locations", "2"]),
+                       ("optimize", ["--concept", "c1", "--train", "4", "--test", "4", "--steps", "2"]),
+                       ("artifacts", ["--samples", "8", "--top-samples", "4", "--eval-samples", "4", "--ks", "1",
+                                      "--reference", str(tmp_path / "ref.pt"), "--reference-samples", "8"])):
+        assert main([cmd, *common, *extra, "--out", str(tmp_path / cmd)]) == 0, capsys.readouterr().err
+        doc = json.loads((tmp_path / cmd / f"{cmd}.json").read_text())
+        assert doc["generator"] == "tinygen" and doc["segmenter"] == "tinyseg" and doc["layer"] == "layer2"
 
 
 def test_a_broken_plugin_is_named_in_one_line_and_breaks_no_other(plugin, tmp_path, capsys):

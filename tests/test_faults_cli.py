@@ -77,10 +77,12 @@ class NaNImages(TinyGenerator):
 def tuple_generator():
     GENERATORS.register("faults-tuple", lambda device="cpu": TupleGenerator().to(device), "test", overwrite=True)
     GENERATORS.register("faults-nan", lambda device="cpu": NaNImages().to(device), "test", overwrite=True)
+    GENERATORS.register("faults-tiny", lambda device="cpu": TinyGenerator().to(device), "test", overwrite=True)
     SEGMENTERS.register("faults-seg", lambda device="cpu": TinySegmenter().to(device), "test", overwrite=True)
     yield
     GENERATORS.unregister("faults-tuple")
     GENERATORS.unregister("faults-nan")
+    GENERATORS.unregister("faults-tiny")
     SEGMENTERS.unregister("faults-seg")
 
 
@@ -305,6 +307,10 @@ CASES = [
     pytest.param([*CAUSAL("artifacts"), "--reference", "{root}/ref_trunc.pt", "--out", "{out}"],
                  ["cannot read reference tensor", "ref_trunc.pt"], None, id="artifacts-reference-truncated"),
     pytest.param([*CAUSAL("artifacts"), "--out", "{out}"], ["give --reference"], None, id="artifacts-no-reference"),
+    pytest.param(["artifacts", "--generator", "faults-tiny", "--segmenter", "faults-seg", "--layer", "layer2",
+                  "--device", "cpu", "--reference", "{root}/ref.pt", "--out", "{new}", "--quiet"],
+                 ["artifacts measures Fréchet distances", "'faults-seg' has neither features() nor probabilities()"],
+                 None, id="artifacts-segmenter-without-features"),
     pytest.param([*CAUSAL("artifacts"), "--samples", "10", "--top-samples", "50", "--reference", "{root}/ref.pt",
                   "--out", "{out}"], ["--top-samples must be an integer between 2 and 10"], None,
                  id="artifacts-top-samples-above-samples"),
@@ -395,8 +401,11 @@ def test_messages_are_one_line_even_when_the_error_is_not(tmp_path, monkeypatch,
 
 def test_no_traceback_from_a_subprocess(world, tmp_path):
     """The installed entry point path: a truncated checkpoint, a --samples count that cannot fit."""
+    ace = [a.format(earlier=world.earlier) for a in CAUSAL("ace")]
     for argv, word in [(["layers", "--checkpoint", str(world.root / "trunc.pt")], "not a PyTorch checkpoint"),
-                       ([*DIS, "--out", str(tmp_path / "o"), "--samples", "1000000000000"], "too many")]:
+                       ([*DIS, "--out", str(tmp_path / "o"), "--samples", "1000000000000"], "too many"),
+                       ([*ace, "--concept", "red", "--units", "0", "--top", "2", "--out", str(tmp_path / "o")],
+                        "--units and --top")]:  # a UserError of causal_cli: the same class under python -m
         p = subprocess.run([sys.executable, "-m", "gandissect_widgets.cli", *argv], capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 2, p.stderr
