@@ -236,3 +236,29 @@ def test_unit_browser_detail_shows_iou_beside_baseline_and_ceiling():
     s.set_dissection(plain)  # a result without position counts says so
     b.click(3)
     assert b.wait() and "(no position-only baseline, ceiling " in b.detail_title.value
+
+
+def test_report_shows_baselines_ceilings_and_the_warning(tmp_path):
+    import html as H
+    from gandissect_widgets.report.html import build_report
+    _, _, d = planted_dissection()
+    d.save(tmp_path / "r")
+    page = open(build_report(tmp_path / "r", pictures=False)).read()
+    section = page.split("id='layer-layer1'", 1)[1]
+    base, ceil = d.unit_baselines("layer1"), d.unit_ceilings("layer1")
+    for u in range(16):  # each unit's card: its IoU, then its label's baseline and ceiling
+        card = section.split(f"data-unit='{u}'", 1)[1].split("class='card", 1)[0]
+        assert f"IoU {d.unit_ious('layer1')[u]:.3f}" in card
+        assert f"position-only baseline {base[u]:.3f}, ceiling {ceil[u]:.3f}" in card
+    warning = H.escape(d.ceiling_warning(), quote=True)
+    assert f"<p class='notice' id='low-ceiling'>A{warning[1:]}.</p>" in page
+    concepts = page.split("class='concepts'", 1)[1].split("</table>", 1)[0]
+    for c, name in enumerate(d.labels[1:], 1):
+        assert (f"<td>{name}</td><td>{d.array('layer1', 'concept_pixels')[c] / int(d.array('layer1', 'n_pixels')):.4f}"
+                f"</td><td>{d.concept_ceiling('layer1')[c]:.3f}</td><td>{d.concept_baseline('layer1')[c]:.3f}</td>"
+                in concepts)
+    # an older result: ceilings, and no baseline, said once
+    plain = Dissection(d.labels, {l: {k: d.array(l, k) for k in results._ARRAYS} for l in d.layers}, d.settings)
+    plain.save(tmp_path / "old")
+    page = open(build_report(tmp_path / "old", pictures=False)).read()
+    assert "id='no-baseline'" in page and "no position-only baseline, ceiling" in page and "id='low-ceiling'" in page

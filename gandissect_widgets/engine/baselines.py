@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["iou_ceiling", "position_iou_table", "position_baseline", "position_mask", "mask_size_per_sample",
-           "low_ceiling_concepts", "ceiling_warning_text", "describe_unit_iou"]
+           "low_ceiling_concepts", "ceiling_warning_text", "describe_comparison", "describe_unit_iou"]
 
 
 def _ratio(num, den):
@@ -118,8 +118,12 @@ def ceiling_warning_text(labels, ceiling, min_iou, quantile) -> str | None:
             f"(their IoU ceiling, min(mask, area) / max(mask, area)): {names}; no unit can be interpretable for them")
 
 
-def describe_unit_iou(iou: float, baseline: float | None, ceiling: float) -> str:
-    """'IoU 0.180 (position-only baseline 0.400, ceiling 0.030)': a unit's IoU with what it is
-    compared with (baseline None: a result without position counts)."""
+def describe_comparison(baseline: float | None, ceiling: float) -> str:
+    """'position-only baseline 0.400, ceiling 0.030' (baseline None: a result without position counts)."""
     base = f"position-only baseline {baseline:.3f}" if baseline is not None else "no position-only baseline"
-    return f"IoU {iou:.3f} ({base}, ceiling {ceiling:.3f})"
+    return f"{base}, ceiling {ceiling:.3f}"
+
+
+def describe_unit_iou(iou: float, baseline: float | None, ceiling: float) -> str:
+    """'IoU 0.180 (position-only baseline 0.400, ceiling 0.030)': a unit's IoU with what it is compared with."""
+    return f"IoU {iou:.3f} ({describe_comparison(baseline, ceiling)})"

@@ -197,11 +197,35 @@ def _summary_section(d, min_iou):
     fig = interpretable_units_figure(d, min_iou=min_iou)
     return ("<section id='summary'><h2>Interpretable units per layer</h2>"
             + _table(["layer", "shape (C×h×w)", "interpretable", "per concept"], rows, "summary")
-            + _img(_figure_uri(fig), "interpretable units per concept for each layer") + "</section>")
+            + _img(_figure_uri(fig), "interpretable units per concept for each layer")
+            + _concepts_table(d, min_iou) + "</section>")
+
+
+def _concepts_table(d, min_iou):
+    """Per concept: its area, the highest IoU the threshold allows and the position-only baseline."""
+    layer = d.layers[0]
+    area = d.array(layer, "concept_pixels") / max(int(d.array(layer, "n_pixels")), 1)
+    ceil = d.concept_ceiling(layer)
+    base = d.concept_baseline(layer) if d.has_position_baseline else None
+    rows = [[_e(d.labels[c]), _num(area[c]), _num(ceil[c], ".3f"), "–" if base is None else _num(base[c], ".3f")]
+            for c in range(1, len(d.labels))]
+    warning = d.ceiling_warning(min_iou)
+    return ("<h3>What a unit's IoU is compared with</h3>"
+            + (f"<p class='notice' id='low-ceiling'>{_e(warning[0].upper() + warning[1:])}.</p>" if warning else "")
+            + ("" if base is not None else "<p class='note' id='no-baseline'>This result has no concept position "
+               "counts (saved before they were counted), so no position-only baseline.</p>")
+            + "<p class='note'>IoU ceiling: the highest IoU a mask of the threshold's size can reach with the "
+              "concept, min(mask, area) / max(mask, area). Position-only baseline: the IoU of the best fixed mask "
+              "of that size (the same pixels in every image), chosen from where the concept usually is; a unit "
+              "below it knows no more than that.</p>"
+            + _table(["concept", "area (fraction of pixels)", "IoU ceiling", "position-only baseline"], rows,
+                     "concepts"))
 
 
 def _layer_section(d, layer, min_iou, strips):
+    from gandissect_widgets.engine.baselines import describe_comparison
     ids, ious = d.unit_label_ids(layer), d.unit_ious(layer)
+    base, ceil = (d.unit_baselines(layer) if d.has_position_baseline else None), d.unit_ceilings(layer)
     iou = d.iou(layer)
     interp = d.interpretable(layer, min_iou)
     order = np.lexsort((np.arange(len(ids)), -ious))  # as the page's own sort: IoU (all its digits), then unit
@@ -221,7 +245,8 @@ def _layer_section(d, layer, min_iou, strips):
             f"<div class='card{' interp' if interp[u] else ''}' data-unit='{u}' data-iou='{float(ious[u])!r}' "
             f"data-concept='{_e(label)}' data-interpretable='{int(interp[u])}'>"
             f"<div class='head'><b>unit {u}</b> <span class='concept'>{_e(label)}</span> "
-            f"<span class='iou'>IoU {ious[u]:.3f}</span></div>{pic}"
+            f"<span class='iou'>IoU {ious[u]:.3f}</span></div>"
+            f"<div class='vs'>{_e(describe_comparison(None if base is None else base[u], ceil[u]))}</div>{pic}"
             f"<div class='also'>{('also: ' + _e(also)) if also else '&nbsp;'}</div></div>")
     gid = f"cards-{layer}"
     bar = (f"<div class='sorter' data-target='{_e(gid)}'>sort by "
@@ -351,7 +376,7 @@ border-radius:3px;cursor:pointer} .sorter button.active{background:#2a6fdb;color
 .sorter label{margin-left:1.2em}
 .cards{display:flex;flex-wrap:wrap;gap:8px} .card{border:1px solid #ddd;border-radius:4px;padding:4px;font-size:12px;background:#fff}
 .card.interp{border-color:#7aa7e8} .card .head{margin-bottom:3px} .card .concept{color:#2a6fdb}
-.card .iou{color:#666;float:right;margin-left:1em} .card .also{color:#888;font-size:11px;margin-top:2px}
+.card .iou{color:#666;float:right;margin-left:1em} .card .also,.card .vs{color:#888;font-size:11px;margin-top:2px}
 img.strip{display:block;image-rendering:pixelated;image-rendering:crisp-edges}
 .hidden{display:none} dl.settings{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}
 dl.settings dt{color:#666} dl.settings dd{margin:0;font-family:monospace}
