@@ -7,7 +7,7 @@ How the passes go (n samples, batches of b, layers L1..Lm):
    block of a grid) place that unit's histogram edges around the target quantile, in a window as
    wide as the pilot's own error needs (``stats.pilot_window``: narrow when the pilot saw every
    sample).  Their segmentations are cached (on disk, ``uint8``/``int16``), never redone; their
-   activations are kept (up to ``_PILOT_CACHE_BYTES``) for the main pass.
+   activations are kept (up to ``Tuning.pilot_cache_bytes``) for the main pass.
 3. Main pass: every sample once through the generator (cut short after the last requested layer
    where its segmentation is already cached) and the segmenter, or from the pilot's activations;
    all layers accumulate moments, top-k and a tail histogram joint with the labels
@@ -48,6 +48,7 @@ import threading
 import time
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 try:
     import fcntl
@@ -58,26 +59,32 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gandissect_widgets.engine.counting import candidate_add, dense_add, unit_chunks
 from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
 from gandissect_widgets.engine.io import atomic_write_bytes, cache_key
 from gandissect_widgets.engine.layer_listing import describe_output
 from gandissect_widgets.engine.protocols import (NonFiniteError, ProtocolError, check_generator, check_images,
                                                  check_sample_z, check_segmenter, fingerprint, model_device,
                                                  sample_latents, segment)
+from gandissect_widgets.engine.readout import read_layer
 from gandissect_widgets.engine.results import Dissection
 from gandissect_widgets.engine.sidebyside import SideBySide
-from gandissect_widgets.engine.stats import (MAX_BINS, RunningMoments, RunningTopK, TailHistogram,
+from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHistogram, count_labels,
                                              dedupe_channels, grid_edges, label_keys, pilot_edges)
-from gandissect_widgets.engine.upsample import upsample, upsample_columns, upsample_max, upsample_pixels
+from gandissect_widgets.engine.thresholds import (IqrChoice, IqrRule, QuantileRule, candidate_levels, choose_levels,
+                                                  iqr_scores, threshold_rule)
+from gandissect_widgets.engine.tuning import Tuning
+from gandissect_widgets.engine.upsample import (check_convention, source_bounds, upsample, upsample_columns,
+                                                upsample_max, upsample_pixels)
 
-__all__ = ["dissect", "ENGINE_VERSION", "WorkDirError", "CacheSpaceError", "CacheBusyError", "NonFiniteError"]
+__all__ = ["dissect", "ENGINE_VERSION", "WorkDirError", "CacheSpaceError", "CacheBusyError", "NonFiniteError", "METHODS",
+           "Tuning"]
 
 # 2: pilot window (0.01, 0.008) below/above the quantile; 3: evenly spaced edges, window
 # (0.005, 0.004), pilot of 512 samples x 64 pixels; 4: edges on a power-of-two grid, a window
 # sized per unit from the pilot's own error, pilot pixels one in each block of an 8 x 8 grid
 ENGINE_VERSION = 4
-_CHUNK_ELEMENTS = 1 << 25  # upsampled values (at most) held at once per layer
-_PILOT_CACHE_BYTES = 256 << 20  # raw pilot activations kept for the main pass, at most
+METHODS = ("auto", "dense", "tail")
 _SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 _LOCK_POLL = 0.1  # seconds between tries for a work directory another process holds
 NONFINITE = ("error", "skip")
@@ -287,7 +294,8 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
             pilot_samples: int = 512, pilot_pixels: int = 64, rank_tolerance: float = 5e-4,
             checkpoint_every: float = 60.0, progress: bool = True, lanes: int = 2,
             generator_name: str | None = None, segmenter_name: str | None = None,
-            nonfinite: str = "error", lock_wait: float | None = None) -> Dissection:
+            nonfinite: str = "error", lock_wait: float | None = None, threshold: str = "quantile",
+            method: str = "auto", upsample: str = "iclr", tuning: Tuning | None = None) -> Dissection:
     """Dissect ``layers`` of ``generator`` against ``segmenter`` over ``n_samples`` latents.
 
     Returns a ``Dissection``.  Thresholds are the ``quantile`` of each unit's upsampled activations
@@ -319,15 +327,43 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     recorded in ``settings["nonfinite_skipped"]`` and told in a warning.
     ``G.sample_z`` is checked once per run: ``sample_z(k, seed)`` twice the same, and the first k of
     ``sample_z(n_samples, seed)`` (``ProtocolError`` otherwise).
+    ``threshold``: the threshold rule (``engine.thresholds``): ``"quantile"`` (the ``quantile`` of
+    each unit, the default) or ``"iqr"`` (the ICLR paper's per-unit IQR rule, chosen on a threshold
+    set of ``tuning.threshold_samples`` samples of seed ``tuning.threshold_seed``, 2; the result
+    gets per-layer arrays ``iqr`` (U,) the chosen level's IQR, ``iqr_concept`` (U,) its concept and
+    ``iqr_fraction`` (U,) its candidate's top fraction).
+    ``method``: the counting backend: ``"tail"`` (the CPU path: only the interpolation columns that
+    can reach the histogram), ``"dense"`` (``engine.counting``: whole upsampled maps, batched on the
+    device without host synchronisation; the GPU path and the readable reference) or ``"auto"``
+    (tail on a CPU, dense elsewhere).  They give the same counts (not part of the cache key).
+    ``upsample``: the convention of the published code (``engine.upsample``): ``"iclr"`` (half-pixel
+    bilinear with clamped edges, the default) or ``"pnas"`` (zeros outside).
+    ``tuning``: the knobs of ``engine.tuning.Tuning`` (bins, pilot, lanes, chunk sizes, the IQR
+    threshold set, ...); those that are arguments here may be given either way.
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r} ('tail': the CPU "
+                         f"path, 'dense': the GPU path and readable reference, 'auto': tail on a CPU, dense elsewhere)")
+    convention = check_convention(upsample)
+    if tuning is not None and not isinstance(tuning, Tuning):
+        raise ValueError(f"tuning must be an engine.tuning.Tuning, got {type(tuning).__name__}")
+    tuning = (tuning or Tuning()).with_args(bins=bins, pilot_samples=pilot_samples, pilot_pixels=pilot_pixels,
+                                            rank_tolerance=rank_tolerance, checkpoint_every=checkpoint_every,
+                                            lanes=lanes)
+
     if lock_wait is not None and not (isinstance(lock_wait, (int, float)) and not isinstance(lock_wait, bool)
                                       and lock_wait >= 0):
         raise ValueError(f"lock_wait must be None (wait as long as it takes) or seconds >= 0, got {lock_wait!r}")
-    layers = _check_args(generator, segmenter, layers, n_samples, seed, quantile, batch_size, topk, bins,
-                         pilot_samples, pilot_pixels, lanes)
+    layers = _check_args(generator, segmenter, layers, n_samples, seed, quantile, batch_size, topk)
+    rule = threshold_rule(threshold, quantile, tuning.threshold_samples or n_samples, tuning.threshold_seed,
+                          tuning.iqr_candidates, tuning.pilot_pixels)
+    if isinstance(rule, IqrRule) and rule.seed == seed:
+        raise ValueError(f"threshold='iqr' chooses its thresholds on a separate set of samples, but its seed "
+                         f"(tuning.threshold_seed={rule.seed}) is the dissection's seed; give another one")
     device = torch.device(device) if device is not None else model_device(generator)
+    backend = ("tail" if device.type == "cpu" else "dense") if method == "auto" else method
     generator.to(device).eval()
     if isinstance(segmenter, torch.nn.Module):
         segmenter.to(device).eval()
@@ -336,20 +372,27 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
                     segmenter=segmenter_name or type(segmenter).__name__,
                     generator_fingerprint=fingerprint(generator), segmenter_fingerprint=fingerprint(segmenter),
                     layers=list(layers), n_samples=int(n_samples), seed=int(seed), quantile=float(quantile),
-                    topk=int(topk), bins=int(bins), pilot_samples=int(pilot_samples),
-                    pilot_pixels=int(pilot_pixels), rank_tolerance=float(rank_tolerance),
+                    topk=int(topk), bins=int(tuning.bins), pilot_samples=int(tuning.pilot_samples),
+                    pilot_pixels=int(tuning.pilot_pixels), rank_tolerance=float(tuning.rank_tolerance),
                     engine_version=ENGINE_VERSION)
     key_parts = {k: v for k, v in settings.items() if k not in ("generator", "segmenter")}
     if nonfinite != "error":  # "error" gives a result only where nothing was left out: the same key as before
         key_parts["nonfinite"] = nonfinite
+    # the defaults (quantile rule, iclr upsampling) keep the keys of the results made before they were options
+    if not isinstance(rule, QuantileRule):
+        key_parts.update(rule.settings())
+    if convention != "iclr":
+        key_parts["upsample"] = convention
     key = cache_key(**key_parts)
+    settings.update(rule.settings())
+    settings["upsample"] = convention
+    settings["method"] = backend
     settings["cache_key"] = key
     settings["nonfinite"] = nonfinite
 
     def run_in(work_dir):
-        run = _Run(generator, segmenter, layers, labels, n_samples, seed, quantile, batch_size, device, topk,
-                   bins, pilot_samples, pilot_pixels, rank_tolerance, checkpoint_every, progress, work_dir, key,
-                   lanes, nonfinite)
+        run = _Run(generator, segmenter, layers, labels, n_samples, seed, rule, batch_size, device, topk, tuning,
+                   progress, work_dir, key, nonfinite, backend, convention)
         arrays = run.execute()
         out = dict(settings)
         if nonfinite == "skip":
@@ -385,7 +428,7 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
             lock.release()
 
 
-def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk, bins, pilot_samples, pilot_pixels, lanes):
+def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk):
     check_generator(G)
     check_segmenter(S)
     if isinstance(layers, str):
@@ -397,9 +440,7 @@ def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk, bins,
         raise ValueError(f"layers repeated in {layers}")
     resolve_layers(G, layers)
     for name, val, lo, hi in (("n_samples", n_samples, 1, None), ("batch_size", batch_size, 1, None),
-                              ("topk", topk, 1, None), ("bins", bins, 16, MAX_BINS),
-                              ("pilot_samples", pilot_samples, 1, None), ("pilot_pixels", pilot_pixels, 16, None),
-                              ("lanes", lanes, 1, None)):
+                              ("topk", topk, 1, None)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo or (hi and val > hi):
             raise ValueError(f"{name} must be an integer >= {lo}{f' and <= {hi}' if hi else ''}, got {val!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -428,11 +469,10 @@ class _LayerStats:
         return self
 
 
-def _unit_chunks(r, size):
+def _unit_chunks(r, size, chunk_elements):
     """Unit ranges [u0, u1) of a (N,U,h,w) activation whose upsampled maps fit the chunk size."""
     N, U = r.shape[:2]
-    per = max(1, _CHUNK_ELEMENTS // max(1, N * size[0] * size[1]))
-    return [(u0, min(u0 + per, U)) for u0 in range(0, U, per)]
+    return unit_chunks(U, N * size[0] * size[1], chunk_elements)
 
 
 def _column_maxima(cols, low, shape):
@@ -444,7 +484,7 @@ def _column_maxima(cols, low, shape):
     return torch.where(out > low.to(out)[None], out, torch.full((), -math.inf, device=out.device))
 
 
-def _sample_maxima(r, size, topk, known, raw):
+def _sample_maxima(r, size, topk, known, raw, chunk_elements, convention="iclr"):
     """(N,U) per-sample maxima of the upsampled maps where they can enter ``topk``: ``known``
     holds those of the maps with values above the histogram floor (read from the tail, so the
     same bits); the others are computed only if the raw maximum ``raw`` (a bound on the upsampled
@@ -455,29 +495,49 @@ def _sample_maxima(r, size, topk, known, raw):
     if known.shape[0] >= topk.k:
         bar = torch.maximum(bar, known.topk(topk.k, dim=0).values[-1])
     n, u = torch.nonzero((known == -math.inf) & (raw + raw.abs() * 1e-6 >= bar[None]), as_tuple=True)
-    per = max(1, _CHUNK_ELEMENTS // max(1, size[0] * size[1]))
+    per = max(1, chunk_elements // max(1, size[0] * size[1]))
     for i in range(0, n.numel(), per):
         nn, uu = n[i:i + per], u[i:i + per]
-        known[nn, uu] = upsample_max(r[nn, uu][:, None], size)[:, 0]
+        known[nn, uu] = upsample_max(r[nn, uu][:, None], size, convention)[:, 0]
     return known
 
 
 class _Run:
-    def __init__(self, G, S, layers, labels, n, seed, quantile, batch_size, device, k, bins, pilot_samples,
-                 pilot_pixels, tol, checkpoint_every, progress, work_dir, key, lanes, nonfinite="error"):
+    """One dissection in stages: sampling (``compute``: latents, images, segmentations, each
+    sample once, cached for the run), the threshold rule (``pilot_pass`` places the quantile
+    rule's edges, ``iqr_pass`` chooses the IQR rule's levels on its threshold set), counting
+    (``main_pass`` and ``refine``, through ``accumulate`` with the ``tail`` or ``dense`` backend)
+    and the readout (``engine.readout``)."""
+
+    def __init__(self, G, S, layers, labels, n, seed, rule, batch_size, device, k, tuning: Tuning, progress,
+                 work_dir, key, nonfinite="error", method="tail", convention="iclr"):
         self.G, self.S, self.layers, self.labels = G, S, layers, labels
-        self.n, self.seed, self.q, self.bs, self.device = int(n), int(seed), float(quantile), int(batch_size), device
-        self.k, self.bins, self.tol = int(k), int(bins), float(tol)
-        self.n_pilot, self.pilot_pixels = min(int(pilot_samples), self.n), int(pilot_pixels)
-        self.checkpoint_every, self.progress, self.lanes = checkpoint_every, progress, int(lanes)
+        self.rule, self.tuning, self.method, self.convention = rule, tuning, method, convention
+        self.q = rule.quantile if isinstance(rule, QuantileRule) else 0.99
+        self.n, self.seed, self.bs, self.device = int(n), int(seed), int(batch_size), device
+        self.k, self.bins, self.tol = int(k), int(tuning.bins), float(tuning.rank_tolerance)
+        # the IQR rule's levels come from its own threshold set: no pilot
+        self.n_pilot = min(int(tuning.pilot_samples), self.n) if isinstance(rule, QuantileRule) else 0
+        self.pilot_pixels = int(tuning.pilot_pixels)
+        self.checkpoint_every, self.progress, self.lanes = float(tuning.checkpoint_every), progress, int(tuning.lanes)
+        self.chunk = int(tuning.chunk_elements if method == "tail" else tuning.dense_chunk_elements)
         self.work_dir, self.key = work_dir, key
         self.skip_nonfinite = nonfinite == "skip"
+        # the dense backend checks for non-finite values without a host sync a batch: the batches'
+        # flags are kept on the device and read at the end of a pass (and before a checkpoint)
+        self.defer_checks = method == "dense" and not self.skip_nonfinite
+        self.deferred = []  # (i0, i1, flag) of batches not checked yet
+        self.iqr = None     # the IQR rule's choice, per layer (IqrChoice)
         self.ckpt_path = os.path.join(work_dir, "checkpoint.pt")
         self.seg_path = os.path.join(work_dir, "segmentation.npy")
         self.C = len(labels)
         self.z = check_sample_z(G, self.n, self.seed, sample_latents(G, self.n, self.seed))
+        self.z_dev = self.z.to(device)  # once: no copy to the device a batch
+        self.z_threshold = None         # the IQR rule's threshold set, on the device
         self.segmented = 0
         self.seg_cache = None
+        self.seg_dev = None  # the segmentations on the device (off the CPU, while they fit)
+        self._writer, self._writes = None, []
         self.seg_grid = None
         # samples left out whole (non-finite images, nonfinite="skip"), known up to self.segmented
         self.skip = np.zeros(self.n, dtype=bool) if self.skip_nonfinite else None
@@ -518,7 +578,7 @@ class _Run:
         # decided by sizes alone, so that a resumed run groups the batches as a whole one does
         per, held, self.keeps = sum(sizes[name] for name in self.layers), 0, set()
         for i0, i1 in self.batches(0, self.n_pilot):
-            if held + (i1 - i0) * per <= _PILOT_CACHE_BYTES:
+            if held + (i1 - i0) * per <= self.tuning.pilot_cache_bytes:
                 self.keeps.add(i0)
                 held += (i1 - i0) * per
 
@@ -531,35 +591,80 @@ class _Run:
         whether the labels are new (the caller stores them, in order: this may run on a lane
         thread while the statistics of earlier samples are counted), each layer's per-map
         (max, min) and, for new labels with nonfinite="skip", which samples' images were not finite.
-        Images and activations are checked for NaN and inf here, with one host sync a batch."""
+        Images and activations are checked for NaN and inf here, with one host sync a batch (the
+        dense backend keeps the check on the device, ``check_deferred``)."""
         layers = layers or self.layers
-        z = self.z[i0:i1].to(self.device)
         cached = i1 <= self.segmented
         fresh = need_seg and not cached
         stop = None if fresh else [l for l in self.order if l in layers][-1]
-        with torch.no_grad():
-            x, acts = self.traces.run(lambda: self.G(z), layers, stop_after=stop)
-            if fresh:
-                check_images(x, i1 - i0)
-            ext = {name: (a.amax((2, 3)).float(), a.amin((2, 3)).float()) for name, a in acts.items()}
-            flags = [torch.isfinite(hi).all() & torch.isfinite(lo).all() for hi, lo in ext.values()]
-            if fresh:
-                flags.append(torch.isfinite(x).all())
-            bad_images = None
-            if not bool(torch.stack(flags).all()):  # (a NaN or inf anywhere in a map is in its max or min)
-                bad_images = self.nonfinite(i0, i1, acts, x if fresh else None)
-            seg = None
-            if need_seg:
-                if cached:
-                    seg = self.cached_seg(i0, i1)
-                else:
-                    if bad_images is not None:  # left out whole; the segmenter sees zeros instead
-                        x = torch.where(torch.from_numpy(bad_images).to(x.device)[:, None, None, None],
-                                        torch.zeros((), dtype=x.dtype, device=x.device), x)
-                    seg = segment(self.S, x)
+        x, acts, ext, bad_images = self.forward(self.z_dev[i0:i1], layers, stop, fresh, (i0, i1))
+        seg = None
+        if need_seg:
+            if cached:
+                seg = self.cached_seg(i0, i1)
+            else:
+                seg = self.segment(x, bad_images, (i0, i1))
         return acts, seg, fresh, ext, bad_images
 
-    def nonfinite(self, i0, i1, acts, x):
+    def forward(self, z, layers, stop, images, where, what="samples"):
+        """The generator on latents ``z``: (images, activations of ``layers``, their per-map (max,
+        min), which images are not finite (nonfinite="skip")); NaN and inf are checked here (or
+        their flag kept for ``check_deferred``).  ``images``: the images are used (checked)."""
+        with torch.no_grad():
+            x, acts = self.traces.run(lambda: self.G(z), layers, stop_after=stop)
+            if images:
+                check_images(x, z.shape[0])
+            ext = {name: (a.amax((2, 3)).float(), a.amin((2, 3)).float()) for name, a in acts.items()}
+            flags = [torch.isfinite(hi).all() & torch.isfinite(lo).all() for hi, lo in ext.values()]
+            if images:
+                flags.append(torch.isfinite(x).all())
+            bad_images = None
+            ok = torch.stack(flags).all()  # (a NaN or inf anywhere in a map is in its max or min)
+            if self.defer_checks:
+                self.deferred.append((where, what, ok))
+            elif not bool(ok):
+                bad_images = self.nonfinite(*where, acts, x if images else None, what)
+        return x, acts, ext, bad_images
+
+    def segment(self, x, bad_images, where, what="samples"):
+        """The segmenter's labels (N,K,H,W) of images ``x``; images left out (nonfinite="skip") are
+        segmented as zeros.  With deferred checks the label range is checked on the device too."""
+        with torch.no_grad():
+            if bad_images is not None:  # left out whole; the segmenter sees zeros instead
+                x = torch.where(torch.from_numpy(bad_images).to(x.device)[:, None, None, None],
+                                torch.zeros((), dtype=x.dtype, device=x.device), x)
+            if not self.defer_checks:
+                return segment(self.S, x)
+            seg = segment(self.S, x, check_range=False)
+            ok = (seg.amin() >= 0) & (seg.amax() < self.C) if seg.numel() else torch.ones((), dtype=torch.bool)
+            self.deferred.append((where, "labels of " + what, ok))
+            return seg.clamp(0, self.C - 1)  # counted safely until the check is read
+
+    def check_deferred(self):
+        """Read the flags of the batches checked on the device (one host sync): a batch with
+        non-finite values is computed again and raises ``NonFiniteError`` as it would have at once,
+        and the statistics, which counted it, are never saved (the run starts over)."""
+        if not self.deferred:
+            return
+        pending, self.deferred = self.deferred, []
+        oks = torch.stack([ok.to(self.device) for _, _, ok in pending]).cpu().tolist()
+        for ((i0, i1), what, _), ok in zip(pending, oks):
+            if ok:
+                continue
+            self._dirty = True  # the counts include the batch: no checkpoint may keep them
+            if what.startswith("labels"):
+                segment(self.S, self.forward_again(i0, i1, what)[0])  # raises its ProtocolError
+                raise ProtocolError(f"the segmenter returned labels outside 0..{self.C - 1} for {what} {i0}..{i1 - 1}")
+            self.defer_checks = False
+            x, acts = self.forward_again(i0, i1, what)
+            self.nonfinite(i0, i1, acts, x, what)
+
+    def forward_again(self, i0, i1, what):
+        z = (self.z_threshold if "threshold" in what else self.z_dev)[i0:i1]
+        with torch.no_grad():
+            return self.traces.run(lambda: self.G(z), self.layers)
+
+    def nonfinite(self, i0, i1, acts, x, what="samples"):
         """Count the batch's non-finite values: raise ``NonFiniteError`` (nonfinite="error"), or
         return which samples' images hold any (None if none)."""
         found, bad_images = [], None
@@ -574,14 +679,41 @@ class _Run:
                 found.append(f"images: {bad} of {x.numel()} pixel values")
                 bad_images = nf.flatten(1).any(1).cpu().numpy()
         if not self.skip_nonfinite:
-            raise NonFiniteError(f"the generator gave non-finite values (NaN or inf) for samples {i0}..{i1 - 1}: "
+            raise NonFiniteError(f"the generator gave non-finite values (NaN or inf) for {what} {i0}..{i1 - 1}: "
                                  f"{'; '.join(found)}; they would make the counts meaningless: give a generator "
                                  f"with finite outputs, or pass nonfinite='skip' (dissect(..., nonfinite='skip')) "
                                  f"to leave them out of the counts")
         return bad_images
 
     def cached_seg(self, i0, i1):
+        if self.seg_dev is not None:
+            return self.seg_dev[i0:i1].long()
         return torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
+
+    def _keep_on_device(self, seg_cache):
+        """Off the CPU, the run's segmentations stay on the device (while they fit
+        ``Tuning.device_seg_bytes``); the file is written behind, by a thread of its own."""
+        if self.device.type == "cpu" or seg_cache.nbytes > self.tuning.device_seg_bytes:
+            return None
+        dtype = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}.get(seg_cache.dtype, torch.int32)
+        return torch.zeros(seg_cache.shape, dtype=dtype, device=self.device)
+
+    def _write_behind(self, i0, i1):
+        part = self.seg_dev[i0:i1]
+        out = self.seg_cache
+
+        def write():
+            out[i0:i1] = part.cpu().numpy().astype(out.dtype)  # (this thread waits for the copy, not the run)
+
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="gandissect-segwrite")
+        self._writes.append(self._writer.submit(write))
+
+    def _flush_writes(self):
+        """Wait for the segmentations written behind (before a checkpoint says they are there)."""
+        pending, self._writes = self._writes, []
+        for f in pending:
+            f.result()
 
     def _create_seg_file(self, dtype, shape):
         """``segmentation.npy`` of ``shape``, its disk space reserved whole before it is mapped (a
@@ -612,10 +744,15 @@ class _Run:
                 dtype = np.uint8 if self.C <= 256 else (np.int16 if self.C <= 32767 else np.int32)
                 self.seg_cache = self._create_seg_file(dtype, (self.n,) + tuple(seg.shape[1:]))
                 self.seg_grid = tuple(seg.shape[-2:])
+                self.seg_dev = self._keep_on_device(self.seg_cache)
             elif tuple(seg.shape[1:]) != self.seg_cache.shape[1:]:
                 raise ProtocolError(f"segmenter output changed shape from {self.seg_cache.shape[1:]} to "
                                     f"{tuple(seg.shape[1:])} between batches")
-            self.seg_cache[i0:i1] = seg.cpu().numpy().astype(self.seg_cache.dtype)
+            if self.seg_dev is not None:
+                self.seg_dev[i0:i1] = seg.to(self.seg_dev.dtype)
+                self._write_behind(i0, i1)
+            else:
+                self.seg_cache[i0:i1] = seg.cpu().numpy().astype(self.seg_cache.dtype)
             if self.skip is not None:
                 self.skip[i0:i1] = bad_images if bad_images is not None else False
             self.segmented = max(self.segmented, i1)
@@ -626,6 +763,8 @@ class _Run:
     # -- checkpoint ---------------------------------------------------------------------------
     def save_checkpoint(self):
         with self.guard.critical():  # an interrupt waits for the checkpoint
+            self.check_deferred()
+            self._flush_writes()
             if self.seg_cache is not None:
                 self.seg_cache.flush()
             buf = io.BytesIO()
@@ -633,6 +772,8 @@ class _Run:
                 "key": self.key, "next_batch": self.next_batch, "segmented": self.segmented,
                 "seg_grid": self.seg_grid, "edges": {k: v.cpu() for k, v in (self.edges or {}).items()} or None,
                 "stats": {name: s.state_dict() for name, s in self.stats.items()},
+                "iqr": {name: {k: v.cpu() for k, v in c._asdict().items()} for name, c in self.iqr.items()}
+                if self.iqr is not None else None,
                 "skip": torch.from_numpy(self.skip.copy()) if self.skip is not None else None}, buf)
             data = buf.getvalue()
             try:
@@ -662,11 +803,16 @@ class _Run:
         if seg_cache.shape[0] != self.n:
             return False
         self.seg_cache = seg_cache
+        self.seg_dev = self._keep_on_device(seg_cache)
+        if self.seg_dev is not None:
+            self.seg_dev.copy_(torch.from_numpy(np.asarray(seg_cache)))
         self.segmented, self.next_batch = int(ck["segmented"]), int(ck["next_batch"])
         self.seg_grid = tuple(ck["seg_grid"]) if ck["seg_grid"] is not None else None
         if ck["edges"] is not None:
             self.edges = {k: v.to(self.device) for k, v in ck["edges"].items()}
         self.stats = {name: _LayerStats.from_state_dict(sd, self.device) for name, sd in ck["stats"].items()}
+        if ck.get("iqr") is not None:
+            self.iqr = {name: IqrChoice(**{k: v.to(self.device) for k, v in c.items()}) for name, c in ck["iqr"].items()}
         if self.skip is not None and ck.get("skip") is not None:
             self.skip = ck["skip"].numpy().astype(bool).copy()
         return True
@@ -676,6 +822,7 @@ class _Run:
         self.probe()
         with self.guard:
             resumed = self.load_checkpoint()
+            iqr = isinstance(self.rule, IqrRule) and self.edges is None
             pilot = [] if (resumed and self.edges is not None) else self.batches(0, self.n_pilot)
             main = self.batches(0, self.n)
             done = min(self.next_batch, len(main)) if resumed and self.edges is not None else 0
@@ -687,15 +834,25 @@ class _Run:
             try:
                 with SideBySide(self.device, self.lanes) as self.side, ThreadTraces(self.G, self.layers) as self.traces:
                     try:
+                        if iqr:
+                            self.iqr_pass()
                         if pilot:
                             self.pilot_pass(pilot, bar)
                         self.main_pass(main, bar)
                     finally:
                         bar.close()
-                    self.refine()
+                    self.check_deferred()
+                    if isinstance(self.rule, QuantileRule):  # the IQR rule's levels are not quantiles
+                        self.refine()
+                    self.check_deferred()
+                    self._flush_writes()
             except BaseException as e:
                 self.save_on_failure(e)
                 raise
+            finally:
+                if self._writer is not None:
+                    self._writer.shutdown(wait=True)
+                    self._writer = None
         self.cache = {}
         return self.readout()
 
@@ -723,6 +880,7 @@ class _Run:
                               for name in self.layers}
                 self.sample_pilot(i0, i1, acts, values)
                 bar.update(1)
+        self.check_deferred()
         H, W = self.seg_grid
         population = self.n
         if self.skip is not None and self.skip[:self.n_pilot].any():  # samples left out whole
@@ -746,28 +904,110 @@ class _Run:
         if time.monotonic() - start >= self.checkpoint_every:
             self.save_checkpoint()
 
-    def pilot_grid(self):
+    def pilot_grid(self, grid=None):
         """The R x S blocks of the segmentation grid that each hold one pilot pixel per sample."""
-        return tuple(min(round(math.sqrt(self.pilot_pixels)), n) for n in self.seg_grid)
+        return tuple(min(round(math.sqrt(self.pilot_pixels)), n) for n in (grid or self.seg_grid))
 
     def sample_pilot(self, i0, i1, acts, values):
         """Keep the batch's activations for the main pass (those of ``self.keeps``) and write its
         pilot values: one random pixel in each block of each sample, independent pixels, spread out."""
         if i0 in self.keeps:  # the main pass reuses them
             self.cache[i0] = acts
-        H, W = self.seg_grid
-        R, S = self.pilot_grid()
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{i0}".encode()))
+        self.sample_pixels(f"{self.seed}:{i0}", i0, i1, acts, values, self.seg_grid)
+
+    def sample_pixels(self, tag, i0, i1, acts, values, grid):
+        """``values[layer][:, i0:i1]`` (U, n, R*S): the upsampled activations at one random pixel in
+        each of the R x S blocks of ``grid`` of each sample, drawn from a generator seeded by ``tag``."""
+        H, W = grid
+        R, S = self.pilot_grid(grid)
+        g = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
         block = torch.rand(2, i1 - i0, R, S, generator=g)
         y = ((torch.arange(R)[:, None] + block[0]) * (H / R)).long().clamp(max=H - 1)
         x = ((torch.arange(S)[None, :] + block[1]) * (W / S)).long().clamp(max=W - 1)
-        pixels = (y * W + x).reshape(i1 - i0, R * S).to(self.device)
+        pixels = (y * W + x).reshape(i1 - i0, R * S)
+        pixels = pixels.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else pixels
 
         def sample(name):
-            for u0, u1 in _unit_chunks(acts[name], self.seg_grid):
-                values[name][u0:u1, i0:i1] = upsample_pixels(acts[name][:, u0:u1], self.seg_grid, pixels).transpose(0, 1)
+            for u0, u1 in _unit_chunks(acts[name], grid, self.chunk):
+                values[name][u0:u1, i0:i1] = upsample_pixels(acts[name][:, u0:u1], grid, pixels,
+                                                             self.convention).transpose(0, 1)
 
         self.side.run(sample, self.layers, [self.units[name] for name in self.layers])
+
+    def iqr_pass(self):
+        """The IQR rule's stage, on its threshold set (``engine.thresholds``): (1) the candidate
+        levels from a sample of pixels, the generator only (the first batch is segmented, for the
+        grid); (2) every pixel counted at the candidates jointly with the labels; the readout of
+        MI / JE chooses each unit's level, which the main pass then counts at."""
+        rule, what = self.rule, "threshold-set samples"
+        nt = rule.samples
+        self.z_threshold = check_sample_z(self.G, nt, rule.seed, sample_latents(self.G, nt, rule.seed)).to(self.device)
+        batches = self.batches(0, nt)
+        bar = tqdm(total=2 * len(batches), desc="dissect: IQR thresholds", disable=not self.progress)
+        first = {}
+
+        def generate(batch):  # on a lane
+            i0, i1 = batch
+            if i0 == 0 and not first:  # the first batch's labels give the grid; kept for step 2
+                x, acts, _, bad = self.forward(self.z_threshold[i0:i1], self.layers, None, True, batch, what)
+                return acts, self.segment(x, bad, batch, what), bad
+            _, acts, _, _ = self.forward(self.z_threshold[i0:i1], self.layers, self.stop_after, False, batch, what)
+            return acts, None, None
+
+        values = {}
+        with contextlib.closing(self.side.ahead(generate, batches)) as ahead:
+            for (i0, i1), (acts, seg, bad) in zip(batches, ahead):
+                if seg is not None:
+                    first.update(seg=seg, bad=bad, grid=tuple(seg.shape[-2:]))
+                    R, S = self.pilot_grid(first["grid"])
+                    values = {name: torch.empty(self.units[name], nt, R * S, device=self.device) for name in self.layers}
+                self.sample_pixels(f"threshold {rule.seed}:{i0}", i0, i1, acts, values, first["grid"])
+                bar.update(1)
+        self.check_deferred()
+        grid, fractions = first["grid"], rule.fractions
+        self.seg_grid = self.seg_grid or grid  # (the same segmenter: the main pass's grid)
+        cands, grids, lookups, hists = {}, {}, {}, {}
+        for name in self.layers:
+            U = self.units[name]
+            cands[name] = c = candidate_levels(values.pop(name).reshape(U, -1), fractions)
+            grids[name] = TailHistogram(c.grid, 0)  # (no concepts: only its exact binning is used)
+            lookups[name] = c.lookup()
+            hists[name] = TailHistogram(c.edges(), self.C)
+
+        def label(batch):  # on a lane
+            i0, i1 = batch
+            if i0 == 0:
+                _, acts, _, _ = self.forward(self.z_threshold[i0:i1], self.layers, self.stop_after, False, batch, what)
+                return acts, first["seg"], first["bad"]
+            x, acts, _, bad = self.forward(self.z_threshold[i0:i1], self.layers, None, True, batch, what)
+            return acts, self.segment(x, bad, batch, what), bad
+
+        with contextlib.closing(self.side.ahead(label, batches)) as ahead:
+            for (i0, i1), (acts, seg, bad) in zip(batches, ahead):
+                if bad is not None and bad.any():  # nonfinite="skip": samples with non-finite images left out
+                    keep = torch.from_numpy(~bad).to(self.device)
+                    acts, seg = {k: a[keep] for k, a in acts.items()}, seg[keep]
+                seg = dedupe_channels(seg, self.C)
+                counts = count_labels(seg, self.C + 1)
+
+                def count(name):
+                    hists[name].count_pixels(seg, counts)
+                    candidate_add(hists[name], grids[name], lookups[name], acts[name], seg, grid, self.convention,
+                                  self.chunk)
+
+                self.side.run(count, self.layers, [self.units[name] for name in self.layers])
+                bar.update(1)
+        bar.close()
+        self.check_deferred()
+        choice, edges = {}, {}
+        for name in self.layers:
+            choice[name] = choose_levels(iqr_scores(hists[name], cands[name].levels), cands[name], fractions)
+            edges[name] = choice[name].levels[:, None].float().contiguous()
+        stats = {name: _LayerStats(self.units[name], self.k, self.device) for name in self.layers}
+        for name in self.layers:
+            stats[name].hist = TailHistogram(edges[name], self.C)
+        with self.guard.critical():
+            self.iqr, self.edges, self.stats, self.next_batch = choice, edges, stats, 0
 
     def cached(self, i0, i1, layers):
         """Activations of samples [i0, i1) kept by the pilot, or None."""
@@ -783,7 +1023,7 @@ class _Run:
         # again if a resumed run does not hold them: the groups are the same, so are the bits);
         # they stay for refinement only if they are all the samples (else the forward passes to
         # come need their memory)
-        group = max(self.bs, _CHUNK_ELEMENTS // max(self.units[name] * H * W for name in self.layers))
+        group = max(self.bs, self.tuning.chunk_elements // max(self.units[name] * H * W for name in self.layers))
         planned = [self.planned(i0, i1) for i0, i1 in batches]
         keep = all(planned)
         steps, b = [], 0  # (b, e, kept): kept batches b..e-1 counted together, or batch b run
@@ -841,8 +1081,11 @@ class _Run:
             seg, ids = seg[keep], ids[keep]
             ext = {name: (hi[keep], lo[keep]) for name, (hi, lo) in ext.items()} if ext is not None else None
         seg = dedupe_channels(seg, self.C)
-        labels = label_keys(seg, self.bins, self.C)
-        concepts = torch.bincount(seg.reshape(-1), minlength=self.C + 1)
+        dense = self.method == "dense"
+        # the labels as histogram keys, for each number of edges (the quantile rule's bins, the IQR rule's 1)
+        labels = {} if dense else {b: label_keys(seg, b, self.C) for b in {stats[name].hist.bins for name in stats}}
+        concepts = count_labels(seg, self.C + 1)
+        later = True if dense else None  # (the dense backend's top-k never asks the host whether to add)
 
         def layer(name):
             st = stats[name]
@@ -856,25 +1099,33 @@ class _Run:
                     bad = b
             st.hist.count_pixels(seg, concepts)
             finite_max = self.skip_pixels(r, bad, seg, st.hist) if bad is not None else None
-            low = st.hist.edges[:, 0]
-            maxima = torch.empty(r.shape[:2], device=r.device)
-            for u0, u1 in _unit_chunks(r, self.seg_grid):  # only the tail is ever interpolated
-                cols = upsample_columns(r[:, u0:u1], self.seg_grid, low[u0:u1], raw[:, u0:u1], raw_min[:, u0:u1])
-                st.hist.add_columns(cols.values, cols.units + u0, cols.pixels, cols.stride, labels, cols.finite,
-                                    drop_nonfinite=bad is not None)
-                if moments:
-                    maxima[:, u0:u1] = _column_maxima(cols, low[u0:u1], (N, u1 - u0))
+            if dense:  # whole maps (engine.counting)
+                maxima = dense_add(st.hist, r, seg, self.seg_grid, self.convention, self.chunk, bad is not None)
+            else:
+                low = st.hist.edges[:, 0]
+                maxima = torch.empty(r.shape[:2], device=r.device)
+                for u0, u1 in _unit_chunks(r, self.seg_grid, self.chunk):  # only the tail is ever interpolated
+                    cols = upsample_columns(r[:, u0:u1], self.seg_grid, low[u0:u1], raw[:, u0:u1], raw_min[:, u0:u1],
+                                            self.convention)
+                    st.hist.add_columns(cols.values, cols.units + u0, cols.pixels, cols.stride, labels[st.hist.bins],
+                                        cols.finite, drop_nonfinite=bad is not None)
+                    if moments:
+                        maxima[:, u0:u1] = _column_maxima(cols, low[u0:u1], (N, u1 - u0))
             if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
+                bound = source_bounds(raw, raw_min, self.convention)[0]  # of the upsampled maxima
                 if bad is None:
                     st.moments.add(r, (raw_min.amin(0), raw.amax(0)))
-                    st.topk.add(_sample_maxima(r, self.seg_grid, st.topk, maxima, raw), ids)
+                    st.topk.add(maxima if dense else self.maxima(r, st.topk, maxima, bound), ids, later)
                 else:  # finite values only; the maxima of maps with non-finite values are over their finite pixels
                     st.moments.add(r, valid=torch.isfinite(r))
                     maxima = torch.where(bad, finite_max, maxima)
-                    raw = raw.masked_fill(bad, -math.inf)
-                    st.topk.add(_sample_maxima(r, self.seg_grid, st.topk, maxima, raw), ids)
+                    bound = bound.masked_fill(bad, -math.inf)
+                    st.topk.add(maxima if dense else self.maxima(r, st.topk, maxima, bound), ids, later)
 
         self.side.run(layer, list(stats), [self.units[name] for name in stats])
+
+    def maxima(self, r, topk, known, bound):
+        return _sample_maxima(r, self.seg_grid, topk, known, bound, self.chunk, self.convention)
 
     def skip_pixels(self, r, bad, seg, hist):
         """Count the non-finite upsampled pixels of the maps ``bad`` (N,U) into ``hist.skipped``
@@ -886,10 +1137,10 @@ class _Run:
         out = torch.full(bad.shape, -math.inf, device=r.device)
         skipped = torch.zeros(U, dtype=torch.long, device=r.device)
         joint = torch.zeros(U * C1, dtype=torch.long, device=r.device)
-        per = max(1, _CHUNK_ELEMENTS // max(1, H * W))
+        per = max(1, self.chunk // max(1, H * W))
         for i in range(0, nn.numel(), per):
             n_, u_ = nn[i:i + per], uu[i:i + per]
-            up = upsample(r[n_, u_][:, None], self.seg_grid)[:, 0]
+            up = upsample(r[n_, u_][:, None], self.seg_grid, self.convention)[:, 0]
             nf = ~torch.isfinite(up)
             skipped.index_add_(0, u_, nf.flatten(1).sum(1))
             out[n_, u_] = up.masked_fill(nf, -math.inf).amax((1, 2))
@@ -959,38 +1210,9 @@ class _Run:
         out = {}
         for name in self.layers:
             st = self.stats[name]
-            h = st.hist
-            j, frac = h.threshold_index(self.q)
-            mask, inter = h.iou_counts(j)
-            inter = inter[:, :self.C].clone()
-            inter[:, 0] = 0
-            concept = h.concept_pixels[:self.C].clone()
-            concept[0] = 0
-            skipped = bool(h.skipped.any())
-            if skipped:  # each unit's concept pixels: those where its values were finite
-                concept_u = h.unit_concept_pixels()[:, :self.C].clone()
-                concept_u[:, 0] = 0
-                union = mask[:, None] + concept_u - inter
-            else:
-                union = mask[:, None] + concept[None, :] - inter
-            iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.zeros((), dtype=torch.float64, device=union.device))
-            thr = h.edges.gather(1, j[:, None])[:, 0]
-            mean, std = st.moments.mean, st.moments.variance.sqrt()
-            vmin, vmax = st.moments.min, st.moments.max
-            if skipped or st.moments.count.dim():
-                empty = h.unit_pixels() == 0
-                thr = torch.where(empty, torch.full((), math.nan, device=thr.device), thr)
-                none = st.moments.counts == 0
-                nan = torch.full((), math.nan, dtype=torch.float64, device=mean.device)
-                mean, std, vmin, vmax = (torch.where(none, nan, v) for v in (mean, std, vmin, vmax))
-            out[name] = {
-                "iou": iou.cpu().numpy(), "intersection": inter.cpu().numpy(), "mask_pixels": mask.cpu().numpy(),
-                "concept_pixels": concept.cpu().numpy(), "n_pixels": np.asarray(int(h.n_pixels)),
-                "thresholds": thr.cpu().numpy().astype(np.float32), "fraction_above": frac.cpu().numpy(),
-                "topk_indices": st.topk.indices.cpu().numpy(), "topk_values": st.topk.values.float().cpu().numpy(),
-                "mean": mean.cpu().numpy(), "std": std.cpu().numpy(),
-                "min": vmin.cpu().numpy(), "max": vmax.cpu().numpy(),
-                "shape": np.asarray(self.shapes[name], dtype=np.int64)}
-            if self.skip_nonfinite:
-                out[name]["nonfinite_pixels"] = h.skipped.cpu().numpy()
+            out[name] = read_layer(st.hist, st.moments, st.topk, self.q, self.shapes[name], self.C, self.skip_nonfinite)
+            if self.iqr is not None:
+                c = self.iqr[name]
+                out[name].update(iqr=c.score.cpu().numpy(), iqr_concept=c.concept.cpu().numpy(),
+                                 iqr_fraction=c.fraction.cpu().numpy())
         return out

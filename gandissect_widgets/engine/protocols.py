@@ -60,8 +60,9 @@ def check_images(x, n=None, what="generator output"):
     return x
 
 
-def segment(S, images: torch.Tensor) -> torch.Tensor:
-    """S(images) checked and returned as (N,K,H,W) long."""
+def segment(S, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+    """S(images) checked and returned as (N,K,H,W) long.  ``check_range=False``: the labels' range
+    is left to the caller (reading it is a host synchronisation)."""
     with torch.no_grad():
         seg = S(images)
     n = images.shape[0]
@@ -78,7 +79,7 @@ def segment(S, images: torch.Tensor) -> torch.Tensor:
     if seg.dim() == 3:
         seg = seg[:, None]
     L = len(S.labels)
-    if seg.numel():
+    if check_range and seg.numel():
         lo, hi = int(seg.min()), int(seg.max())
         if lo < 0 or hi >= L:
             raise ProtocolError(f"segmenter {name} returned label {hi if hi >= L else lo}, outside 0..{L - 1} "

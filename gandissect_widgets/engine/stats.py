@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["RunningMoments", "RunningTopK", "TailHistogram", "LabelKeys", "label_keys", "pilot_edges",
-           "grid_edges", "pilot_window", "dedupe_channels"]
+           "grid_edges", "pilot_window", "dedupe_channels", "count_labels"]
 
 _EVEN_SLACK = 5e-4  # how far (in bins) float32 edges may stray from even spacing and still bin by arithmetic
 _NEAR_EDGE = 1e-3   # values closer than this (in bins) to an edge of such units are binned by search
@@ -60,7 +60,7 @@ class RunningMoments:
         bmean = x.mean((0, 2))
         bm2 = (x - bmean[None, :, None]).square_().sum((0, 2))
         mn, mx = extremes if extremes is not None else (x.amin((0, 2)), x.amax((0, 2)))
-        self._combine(torch.tensor(float(n), dtype=torch.float64), bmean.double(), bm2.double(), mn.double(), mx.double())
+        self._combine(float(n), bmean.double(), bm2.double(), mn.double(), mx.double())
 
     def _add_masked(self, x, valid):
         U = self.units
@@ -90,9 +90,10 @@ class RunningMoments:
         self.max = torch.maximum(self.max, mx.to(dev))
 
     def _combine(self, n, mean, m2, mn, mx):
-        if n.dim() or self.count.dim():
-            return self._combine_units(n, mean, m2, mn, mx)
-        n = n.to(self.mean.device)
+        """``n``: a tensor, or a Python number (no copy to the device: no host synchronisation)."""
+        if torch.is_tensor(n) and n.dim() or self.count.dim():
+            return self._combine_units(torch.as_tensor(n, dtype=torch.float64), mean, m2, mn, mx)
+        n = n.to(self.mean.device) if torch.is_tensor(n) else n
         tot = self.count + n
         delta = mean.to(self.mean.device) - self.mean
         self.mean = self.mean + delta * (n / tot)
@@ -139,8 +140,14 @@ class RunningTopK:
         self.values = torch.empty(units, 0, device=dev)
         self.indices = torch.empty(units, 0, dtype=torch.long, device=dev)
 
-    def add(self, values: torch.Tensor, sample_ids: torch.Tensor):
-        """values: (N, U) per-sample scores; sample_ids: (N,) global sample indices."""
+    def add(self, values: torch.Tensor, sample_ids: torch.Tensor, later: bool | None = None):
+        """values: (N, U) per-sample scores; sample_ids: (N,) global sample indices.
+        ``later=True``: the caller knows the ids are increasing and after every id kept so far
+        (a pass in sample order), so nothing is checked on the host (no synchronisation)."""
+        if later:
+            v = values.detach().t().to(self.values.device, self.values.dtype if self.values.numel() else values.dtype)
+            ids = sample_ids.to(self.indices.device).long()[None].expand(self.units, -1)
+            return self._keep(torch.cat([self.values.to(v.dtype), v], 1), torch.cat([self.indices, ids], 1), by_id=True)
         if self.values.shape[1] == self.k and not bool((values.detach() >= self.kth()[None].to(values)).any()):
             return  # none can enter
         v = values.detach().t().to(self.values.device, self.values.dtype if self.values.numel() else values.dtype)
@@ -190,12 +197,24 @@ def dedupe_channels(seg: torch.Tensor, void: int) -> torch.Tensor:
     A pixel belongs to concept c if any channel says c (DESIGN §3); deduping makes every
     (pixel, concept) pair count once however many channels agree.  Label 0 (unlabeled) is no concept.
     """
-    seg = seg.clone()
-    seg[seg == 0] = void
+    void_t = torch.full((), void, dtype=seg.dtype, device=seg.device)
+    seg = torch.where(seg == 0, void_t, seg)  # (torch.where: no data-dependent shapes, no host sync)
     for k in range(1, seg.shape[1]):
+        dup = torch.zeros_like(seg[:, k], dtype=torch.bool)
         for j in range(k):
-            seg[:, k][seg[:, k] == seg[:, j]] = void
+            dup |= seg[:, k] == seg[:, j]
+        seg[:, k] = torch.where(dup & (seg[:, k] != void_t), void_t, seg[:, k])
     return seg
+
+
+def count_labels(seg: torch.Tensor, size: int) -> torch.Tensor:
+    """(size,) int64 counts of the values of ``seg`` (all < size): ``bincount`` on a CPU, a
+    fixed-size scatter elsewhere (``bincount`` sizes its output by the data: a host sync)."""
+    flat = seg.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=size)[:size]
+    out = torch.zeros(size, dtype=torch.long, device=flat.device)
+    return out.index_add_(0, flat.long(), torch.ones(1, dtype=torch.long, device=flat.device).expand(flat.numel()))
 
 
 class LabelKeys(NamedTuple):
@@ -398,6 +417,8 @@ class TailHistogram:
         holds values of unit ``units[i]``.  Values far below the lowest edge are not searched
         for (their bin is 0 or less); NaN must not be passed."""
         vals = _at_least_float32(vals)
+        if self.bins == 1:  # one edge (a threshold given, e.g. the IQR rule's): above it or not
+            return (vals > self.edges[:, 0].to(vals.dtype).index_select(0, units)).to(torch.float64)
         if self._all_exact32 and vals.dtype == torch.float32:
             e0, inv = self._e0_32.index_select(0, units), self._inv_32.index_select(0, units)
             return (vals - e0).mul_(inv).ceil_()
@@ -425,7 +446,7 @@ class TailHistogram:
         C1 = self.concepts + 1
         self.n_pixels += seg.shape[0] * seg.shape[-2] * seg.shape[-1]
         if concept_counts is None:
-            concept_counts = torch.bincount(seg.reshape(-1), minlength=C1)
+            concept_counts = count_labels(seg, C1)
         self.concept_pixels += concept_counts[:C1]
 
     def _count(self, key, channel):
@@ -457,6 +478,29 @@ class TailHistogram:
         for k in range(labels.channels):
             lab = labels.keys.index_select(0, (slots.add_(labels.plane) if k else slots).view(-1)).view_as(key)
             self._count(key.add_(lab) if k == labels.channels - 1 else key + lab, k)
+
+    def column_bins(self, values: torch.Tensor, unit_offset: int = 0) -> torch.Tensor:
+        """Bins 0..B (long) of values (M, Uc) whose column i holds values of unit ``unit_offset + i``
+        (0: at or below the lowest edge).  NaN must not be passed."""
+        units = torch.arange(unit_offset, unit_offset + values.shape[1], device=values.device)
+        return self._bins(values, units, True).clamp_(0, self.bins).long()
+
+    def add_bins(self, bins: torch.Tensor, seg: torch.Tensor, unit_offset: int = 0):
+        """Count every pixel's bin: ``bins`` (N*H*W, Uc), pixel-major over the (N,H,W) grid of the
+        deduped labels ``seg`` (N,K,H,W), column i of unit ``unit_offset + i``.  Bin 0 is not counted
+        (as in ``add_columns``).  A fixed-size scatter on the device: no host synchronisation."""
+        B1, C1 = self.bins + 1, self.concepts + 1
+        Uc = bins.shape[1]
+        rows = slice(unit_offset, unit_offset + Uc)
+        cell = bins + torch.arange(Uc, device=bins.device)[None] * (C1 * B1)     # unit u, label 0, bin b
+        ones = torch.ones(1, dtype=torch.long, device=bins.device).expand(cell.numel())
+        hist, joint = self.hist[rows], self.joint[rows]                          # views: counted in place
+        hist.view(-1).index_add_(0, (bins + torch.arange(Uc, device=bins.device)[None] * B1).view(-1), ones)
+        for k in range(seg.shape[1]):
+            lab = seg[:, k].reshape(-1, 1) * B1                                    # (N*H*W, 1)
+            joint.view(-1).index_add_(0, (cell + lab).view(-1), ones)
+        hist[:, 0] = 0
+        joint[:, :, 0] = 0
 
     def add(self, acts: torch.Tensor, seg: torch.Tensor, unit_offset: int = 0, count_concepts: bool = True):
         """acts: (N,Uc,H,W) upsampled activations of units [unit_offset, unit_offset+Uc);

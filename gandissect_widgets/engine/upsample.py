@@ -16,6 +16,14 @@ function computes it, so the sparse readers below agree with ``upsample`` bit fo
   cells (a bilinear function on a grid peaks at a corner of each cell).
 - ``upsample_at(r, size, rows, cols)``: values on a chosen sub-grid of rows and columns.
 - ``upsample_pixels(r, size, pixels)``: values at chosen pixels, different for each sample.
+
+Two conventions of the published code (``convention=``, every function): ``"iclr"`` (the default,
+above: what the ICLR code's ``grid_sample`` grid with ``padding_mode='border'`` computes) and
+``"pnas"`` (the PNAS code's ``upsample.upsampler``: the same grid, ``align_corners=True`` with
+``padding_mode='zeros'``): the same half-pixel sampling positions, but a position past the
+outermost source centres blends toward 0 instead of being clamped, i.e. bilinear over the map with
+a ring of zeros around it, which is how it is computed here (the zeros are sources, so every bound
+above holds).  A map already at the target size is returned as it is under both.
 """
 from __future__ import annotations
 
@@ -27,13 +35,47 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["upsample", "upsample_above", "upsample_columns", "Columns", "upsample_max", "upsample_at",
-           "upsample_pixels", "pool_mask"]
+           "upsample_pixels", "pool_mask", "CONVENTIONS", "check_convention", "source_bounds"]
+
+CONVENTIONS = ("iclr", "pnas")
+
+
+def check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"upsample must be one of {', '.join(map(repr, CONVENTIONS))}, got {convention!r} "
+                         f"('iclr': half-pixel bilinear with clamped edges, the default; 'pnas': zeros outside)")
+    return convention
+
+
+def _padded(r, size, convention):
+    """``r`` as the interpolation reads it: with a ring of zeros under "pnas" (unless already at
+    ``size``, which both conventions leave as it is); and whether it was padded."""
+    if check_convention(convention) == "pnas" and tuple(r.shape[-2:]) != tuple(size):
+        return F.pad(r, (1, 1, 1, 1)), True
+    return r, False
+
+
+def source_bounds(raw_max, raw_min, convention: str = "iclr"):
+    """Bounds of a map's upsampled values from its own (max, min): a blend stays between its
+    sources, which under "pnas" include the zeros outside."""
+    if check_convention(convention) == "pnas":
+        return raw_max.clamp(min=0), raw_min.clamp(max=0)
+    return raw_max, raw_min
 
 
 @functools.lru_cache(maxsize=128)
-def _taps(n_in: int, n_out: int, device: str, dtype: torch.dtype):
+def _taps(n_in: int, n_out: int, device: str, dtype: torch.dtype, pad: bool = False):
     """1-D linear interpolation with half-pixel centres, edges clamped: for every output index,
-    the source indices (i0, i1) and weights (w0, w1)."""
+    the source indices (i0, i1) and weights (w0, w1).  ``pad``: ``n_in`` sources are the map and
+    a zero on either side ("pnas"): the same positions, shifted by one, never clamped."""
+    if pad:
+        n = n_in - 2
+        src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n / n_out) + 0.5   # in (0, n + 1)
+        i0 = src.floor().long()
+        i1 = i0 + 1
+        w1 = src - i0.double()
+        dev = torch.device(device)
+        return i0.to(dev), i1.to(dev), (1 - w1).to(dev, dtype), w1.to(dev, dtype)
     scale = n_in / n_out
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
@@ -74,17 +116,17 @@ def _float(r):
     return r if r.dtype in (torch.float32, torch.float64) else r.float()
 
 
-def _along_width(r, W, select, cols=None):
+def _along_width(r, W, select, cols=None, pad=False):
     """(..., h, w) -> (..., h, W) (or the chosen output columns)."""
-    i0, i1, w0, w1 = _taps(r.shape[-1], W, str(r.device), r.dtype)
+    i0, i1, w0, w1 = _taps(r.shape[-1], W, str(r.device), r.dtype, pad)
     if cols is not None:
         i0, i1, w0, w1 = i0[cols], i1[cols], w0[cols], w1[cols]
     return _pick(r, i0, -1, select) * w0 + _pick(r, i1, -1, select) * w1
 
 
-def _along_height(x, H, select, rows=None):
+def _along_height(x, H, select, rows=None, pad=False):
     """(..., h, W) -> (..., H, W) (or the chosen output rows)."""
-    i0, i1, w0, w1 = _taps(x.shape[-2], H, str(x.device), x.dtype)
+    i0, i1, w0, w1 = _taps(x.shape[-2], H, str(x.device), x.dtype, pad)
     if rows is not None:
         i0, i1, w0, w1 = i0[rows], i1[rows], w0[rows], w1[rows]
     return _pick(x, i0, -2, select) * w0[:, None] + _pick(x, i1, -2, select) * w1[:, None]
@@ -97,41 +139,43 @@ def _size(size):
     return H, W
 
 
-def upsample(r: torch.Tensor, size) -> torch.Tensor:
-    """(N,C,h,w) -> (N,C,H,W) bilinear, align_corners=False; (C,h,w) -> (C,H,W)."""
+def upsample(r: torch.Tensor, size, convention: str = "iclr") -> torch.Tensor:
+    """(N,C,h,w) -> (N,C,H,W) bilinear, align_corners=False (``convention``: see the module
+    docstring); (C,h,w) -> (C,H,W)."""
     H, W = _size(size)
     if r.dim() == 3:
-        return upsample(r[None], (H, W))[0]
+        return upsample(r[None], (H, W), convention)[0]
+    check_convention(convention)
     if tuple(r.shape[-2:]) == (H, W):
         return r
-    r = _float(r)
+    r, pad = _padded(_float(r), (H, W), convention)
     select = _selects(r)
-    return _along_height(_along_width(r, W, select), H, select)
+    return _along_height(_along_width(r, W, select, pad=pad), H, select, pad=pad)
 
 
-def upsample_at(r: torch.Tensor, size, rows=None, cols=None) -> torch.Tensor:
+def upsample_at(r: torch.Tensor, size, rows=None, cols=None, convention: str = "iclr") -> torch.Tensor:
     """``upsample(r, size)[..., rows, :][..., cols]`` without computing the other pixels."""
     H, W = _size(size)
-    r = _float(r)
+    r, pad = _padded(_float(r), (H, W), convention)
     dev = r.device
     rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=dev)
     cols = None if cols is None else torch.as_tensor(cols, dtype=torch.long, device=dev)
     select = _selects(r)
-    return _along_height(_along_width(r, W, select, cols), H, select, rows)
+    return _along_height(_along_width(r, W, select, cols, pad), H, select, rows, pad)
 
 
-def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor) -> torch.Tensor:
+def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor, convention: str = "iclr") -> torch.Tensor:
     """(N,C,h,w), flat pixel indices (N,S) of the (H,W) grid -> (N,C,S): the upsampled values
     of every channel at each sample's own pixels, from their four sources only."""
     H, W = _size(size)
-    r = _float(r)
+    r, pad = _padded(_float(r), (H, W), convention)
     N, C, h, w = r.shape
     dev = r.device
     S = pixels.shape[1]
     pixels = pixels.to(dev).long().reshape(-1)
     y, x = pixels // W, pixels % W
-    i0, i1, w0, w1 = (t.index_select(0, y)[:, None] for t in _taps(h, H, str(dev), r.dtype))
-    j0, j1, v0, v1 = (t.index_select(0, x)[:, None] for t in _taps(w, W, str(dev), r.dtype))
+    i0, i1, w0, w1 = (t.index_select(0, y)[:, None] for t in _taps(h, H, str(dev), r.dtype, pad))
+    j0, j1, v0, v1 = (t.index_select(0, x)[:, None] for t in _taps(w, W, str(dev), r.dtype, pad))
     rows = r.permute(0, 2, 3, 1).reshape(N * h * w, C)          # channels last: a source is one row
     first = torch.arange(N, device=dev).repeat_interleave(S)[:, None] * (h * w)
 
@@ -144,24 +188,24 @@ def upsample_pixels(r: torch.Tensor, size, pixels: torch.Tensor) -> torch.Tensor
     return (top * w0 + bottom * w1).view(N, S, C).transpose(1, 2)
 
 
-def upsample_max(r: torch.Tensor, size) -> torch.Tensor:
+def upsample_max(r: torch.Tensor, size, convention: str = "iclr") -> torch.Tensor:
     """(N,C,h,w) -> (N,C): the maximum of each upsampled map, from the corner pixels of the
     interpolation tiles only (equal to ``upsample(r, size).amax((2, 3))`` up to rounding)."""
     H, W = _size(size)
-    r = _float(r)
-    rows, cols = (_corners(n, size) for n, size in ((r.shape[-2], H), (r.shape[-1], W)))
+    r, pad = _padded(_float(r), (H, W), convention)
+    rows, cols = (_corners(n, size, pad) for n, size in ((r.shape[-2], H), (r.shape[-1], W)))
     select = _selects(r)
-    return _along_height(_along_width(r, W, select, cols), H, select, rows).amax((-2, -1))
+    return _along_height(_along_width(r, W, select, cols, pad), H, select, rows, pad).amax((-2, -1))
 
 
 @functools.lru_cache(maxsize=128)
-def _tiles(n_in: int, n_out: int):
+def _tiles(n_in: int, n_out: int, pad: bool = False):
     """Output indices cut into runs that blend the same two sources with weights of one kind
     (the copies of a clamped edge, whose second weight is 0, apart from the blends), each of at
     most ceil(n_out / n_in) indices: the runs' sources (G,), (G,) and their indices padded with
     -1 to a rectangle (G, P).  For an integer scale every inner run has the same weights."""
-    i0, i1, _, w1 = _taps(n_in, n_out, "cpu", torch.float64)
-    most = max(1, -(-n_out // n_in))
+    i0, i1, _, w1 = _taps(n_in, n_out, "cpu", torch.float64, pad)
+    most = max(1, -(-n_out // (n_in - 2 if pad else n_in)))
     tiles, run = [], [0]
     for o in range(1, n_out):
         if i0[o] == i0[o - 1] and i1[o] == i1[o - 1] and (w1[o] == 0) == (w1[o - 1] == 0) and len(run) < most:
@@ -176,9 +220,9 @@ def _tiles(n_in: int, n_out: int):
     return i0[first], i1[first], members
 
 
-def _corners(n_in: int, n_out: int) -> list:
+def _corners(n_in: int, n_out: int, pad: bool = False) -> list:
     """The first and last output index of every tile: where a bilinear map peaks along an axis."""
-    _, _, members = _tiles(n_in, n_out)
+    _, _, members = _tiles(n_in, n_out, pad)
     last = members.max(1).values
     return sorted(set(members[:, 0].tolist()) | set(last.tolist()))
 
@@ -187,13 +231,13 @@ _MAX_RUNS = 8  # row-tile patterns broadcast one run at a time; more than this a
 
 
 @functools.lru_cache(maxsize=128)
-def _column_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dtype) -> dict:
+def _column_tables(h: int, w: int, H: int, W: int, device: str, dtype: torch.dtype, pad: bool = False) -> dict:
     """Everything ``upsample_columns`` looks up, for the tiles of the (H,W) grid (row tile g x
     column tile k, G x K of them, P x Q pixels at most)."""
-    ra0, ra1, rmem = _tiles(h, H)
-    ca0, ca1, cmem = _tiles(w, W)
-    _, _, rw0, rw1 = _taps(h, H, "cpu", dtype)
-    _, _, cw0, cw1 = _taps(w, W, "cpu", dtype)
+    ra0, ra1, rmem = _tiles(h, H, pad)
+    ca0, ca1, cmem = _tiles(w, W, pad)
+    _, _, rw0, rw1 = _taps(h, H, "cpu", dtype, pad)
+    _, _, cw0, cw1 = _taps(w, W, "cpu", dtype, pad)
     G, P = rmem.shape
     K, Q = cmem.shape
     inside = rmem >= 0
@@ -265,7 +309,7 @@ def _margin(r, raw, raw_min):
 
 
 def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor | None = None,
-                     raw_min: torch.Tensor | None = None) -> Columns:
+                     raw_min: torch.Tensor | None = None, convention: str = "iclr") -> Columns:
     """The columns of interpolation tiles of ``upsample(r, size)`` that may hold values above
     ``low[c]`` (C,), with every value in them (see ``Columns``); every pixel above the floor
     lies in exactly one column.  ``raw``, ``raw_min``: ``r.amax((2, 3))``, ``r.amin((2, 3))``
@@ -279,16 +323,22 @@ def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor
     r = _float(r)
     N, C, h, w = r.shape
     dev = r.device
-    T = _column_tables(h, w, H, W, str(dev), r.dtype)
+    raw = r.amax((2, 3)) if (raw is None and r.numel()) else raw
+    raw_min = r.amin((2, 3)) if (raw_min is None and r.numel()) else raw_min
+    r, pad = _padded(r, (H, W), convention)
+    if pad:  # the zeros outside are sources too
+        h, w = h + 2, w + 2
+        if r.numel():
+            raw, raw_min = source_bounds(raw, raw_min, convention)
+    T = _column_tables(h, w, H, W, str(dev), r.dtype, pad)
     G, K, P, Q = T["G"], T["K"], T["P"], T["Q"]
     if r.numel() == 0:
         none = torch.zeros(0, dtype=torch.long, device=dev)
         return Columns(torch.zeros(P, 0, dtype=r.dtype, device=dev), none, none, none, W, True)
-    raw = r.amax((2, 3)) if raw is None else raw
-    margin, finite = _margin(r, raw, r.amin((2, 3)) if raw_min is None else raw_min)
+    margin, finite = _margin(r, raw, raw_min)
     if not finite:  # a NaN spoils only the pixels that blend it, not its whole map
         raw = r.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).amax((2, 3))
-    if (h, w) == (H, W):  # upsample leaves the map as it is: every pixel is a column of one
+    if not pad and (h, w) == (H, W):  # upsample leaves the map as it is: every pixel is a column of one
         pix = torch.nonzero((r.reshape(N, C, h * w) > low.to(dev, r.dtype)[None, :, None]).view(-1)).squeeze(1)
         maps = pix // (h * w)
         return Columns(r.reshape(1, -1).index_select(1, pix), maps, maps % C, maps // C * (h * w) + pix % (h * w), W, finite)
@@ -339,7 +389,7 @@ def upsample_columns(r: torch.Tensor, size, low: torch.Tensor, raw: torch.Tensor
     return Columns(values, maps.index_select(0, tile_map), map_unit.index_select(0, tile_map), pixels, W, finite)
 
 
-def upsample_above(r: torch.Tensor, size, low: torch.Tensor):
+def upsample_above(r: torch.Tensor, size, low: torch.Tensor, convention: str = "iclr"):
     """The pixels of ``upsample(r, size)`` (N,C,H,W) whose value exceeds ``low[c]`` (C,).
 
     Returns ``(n, c, pixel, value)``: sample, channel, flat pixel index ``y * W + x`` and the
@@ -347,7 +397,7 @@ def upsample_above(r: torch.Tensor, size, low: torch.Tensor):
     order (``upsample_columns`` without the pixels at or below the floor).
     """
     H, W = _size(size)
-    cols = upsample_columns(r, size, low)
+    cols = upsample_columns(r, size, low, convention=convention)
     j = torch.nonzero((cols.values > low.to(cols.values)[cols.units][None]).view(-1)).squeeze(1)
     Mc = cols.maps.numel()
     p, i = j // Mc, j % Mc
