@@ -82,11 +82,12 @@ def test_baseline_is_the_best_fixed_mask_of_each_size(channels):
             assert F.sum() == k
             got = dataset_iou(np.broadcast_to(F, (6, 3, 3)), (seg == concept).any(1))
             assert got == pytest.approx(best[concept, k], abs=1e-12)
-    # per unit: the mask size of each unit is its mask pixels per sample, rounded
-    mask_pixels = np.array([0, 6, 8, 9, 20, 54])  # 0, 1, 1.33, 1.5 (up), 3.33, 9 pixels per sample
+    # per unit: the mask size of each unit is its mask pixels per sample, rounded down
+    mask_pixels = np.array([0, 6, 8, 11, 12, 23, 54])  # 0, 1, 1.33, 1.83, 2, 3.83, 9 pixels per sample
     got = baselines.position_baseline(counts, n, mask_pixels)
-    assert got.shape == (6, 4)
-    np.testing.assert_allclose(got, best[:, [0, 1, 1, 2, 3, 9]].T, atol=1e-12)
+    assert got.shape == (7, 4)
+    np.testing.assert_allclose(got, best[:, [0, 1, 1, 1, 2, 3, 9]].T, atol=1e-12)
+    assert baselines.mask_size_per_sample((1 - 0.9) * 100 * 7, 7, 100) == 10  # float noise is no pixel less
 
 
 def test_planted_concept_always_at_one_place_is_found():
@@ -133,7 +134,7 @@ def test_result_baseline_equals_a_search_over_its_samples(tiny):
         U = len(d.thresholds(layer))
         assert base.shape == ceil.shape == (U, len(S.labels))
         for u in range(U):
-            k = int(np.floor(d.array(layer, "mask_pixels")[u] / 40 + 0.5))
+            k = int(d.array(layer, "mask_pixels")[u]) // 40
             for c in range(1, len(S.labels)):
                 order = np.argsort(-present[c].sum(0).reshape(-1), kind="stable")[:k]
                 F = np.zeros(seg.shape[-2] * seg.shape[-1], bool)
@@ -143,6 +144,8 @@ def test_result_baseline_equals_a_search_over_its_samples(tiny):
                 m, A = d.array(layer, "mask_pixels")[u], present[c].sum()
                 assert ceil[u, c] == pytest.approx(min(m, A) / max(m, A) if max(m, A) else 0.0)
         assert (d.iou(layer) <= ceil + 1e-12).all()  # no unit beats its ceiling
+        larger = d.array(layer, "concept_pixels")[None, :] >= d.array(layer, "mask_pixels")[:, None]
+        assert (base[larger] <= ceil[larger] + 1e-12).all()  # nor, for concepts larger than it, a fixed mask
         ids = d.unit_label_ids(layer)
         np.testing.assert_array_equal(d.unit_baselines(layer), base[np.arange(U), ids])
 

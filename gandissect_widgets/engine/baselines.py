@@ -14,7 +14,7 @@ with ``I`` pixels in common:
   ``I_F = sum_{p in F} count_c(p)`` (``concept_stats.ConceptPixelCounts``); for a given k the k
   pixels where c is most often maximise I_F and so the IoU.  A unit whose IoU is below its label's
   baseline knows no more than where that concept usually is.  k is the unit's mask size per
-  sample, rounded: ``round(m / N)`` (41 pixels for the top 1% of a 64x64 grid).
+  sample, rounded down: ``floor(m / N)`` (40 pixels for the top 1% of a 64x64 grid).
 
 Shapes: U units, C = len(labels) concepts (column 0, unlabeled, is 0), H x W segmentation grid.
 Everything here is numpy, float64, exact on the integer counts.
@@ -70,11 +70,13 @@ def position_iou_table(counts, samples) -> np.ndarray:
 
 def mask_size_per_sample(mask_pixels, samples, pixels_per_sample) -> np.ndarray:
     """The fixed mask's size k for units whose masks hold ``mask_pixels`` over ``samples`` samples:
-    ``round(m / N)`` (halves up), within 0..pixels_per_sample."""
+    ``floor(m / N)``, never more pixels than the unit's own mask (a larger fixed mask would have an
+    unfair start on large concepts; so, for a concept larger than the mask, the baseline stays at
+    or below the unit's ceiling), within 0..pixels_per_sample."""
     m = np.asarray(mask_pixels, dtype=np.float64)
     if samples <= 0:
         return np.zeros(m.shape, dtype=np.int64)
-    return np.clip(np.floor(m / samples + 0.5), 0, pixels_per_sample).astype(np.int64)
+    return np.clip(np.floor(m / samples + 1e-9), 0, pixels_per_sample).astype(np.int64)  # (1e-9: float noise)
 
 
 def position_baseline(counts, samples, mask_pixels) -> np.ndarray:

@@ -298,7 +298,7 @@ class Dissection:
 
     def position_baseline(self, layer: str) -> np.ndarray:
         """(units, concepts) IoU of the best fixed mask (the same pixels in every sample) of each
-        unit's mask size, ``round(mask_pixels / N)`` pixels, with each concept (column 0 is 0).
+        unit's mask size, ``floor(mask_pixels / N)`` pixels, with each concept (column 0 is 0).
         ``NoBaselineError`` for a result without concept position counts."""
         return self._baseline_at(self._get(layer)["mask_pixels"])
 
