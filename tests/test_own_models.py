@@ -24,6 +24,7 @@ class TutorialGenerator(nn.Module):
             nn.ConvTranspose2d(nz, ngf * 4, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
             nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
             nn.ConvTranspose2d(ngf * 2, 3, 4, 2, 1, bias=False), nn.Tanh())
+        self.main[6].weight.data *= 30  # images that use the range, as a trained model's do
         for m in self.modules():  # trained-looking BatchNorms: shifted, scaled, with running statistics
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.data.uniform_(0.5, 1.5)

@@ -3,6 +3,12 @@
 ACE of U on c = E_z[s_c(G(z; insert U))] - E_z[s_c(G(z; ablate U))]; removal ratio =
 1 - E[s_c(ablate)] / E[s_c(original)] (DESIGN §3).  Every mean comes with a bootstrap confidence
 interval over the samples (the same resampled sample sets for all three quantities).
+
+Many edits share one forward pass: ``unit_ace`` and ``removal_curve`` stack their edits (one unit,
+or one unit set, per copy of a batch of samples) into an ``Edit`` with per-sample unit weights,
+about ``images_per_pass`` images a pass, re-run from the layer where the model allows it.
+``unit_ace_reference`` is the readable definition the fast path is tested against.  Each tool's
+``*_cost`` twin counts, from the same schedule, the passes and segmenter calls it will make.
 """
 from __future__ import annotations
 
@@ -10,15 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from gandissect_widgets.engine.hooks import can_run_from, resolve_layers
-from gandissect_widgets.engine.interventions import (InsertionValues, Intervention, concept_index,
+from gandissect_widgets.engine.hooks import Edit, TraceDict, can_run_from, resolve_layers
+from gandissect_widgets.engine.interventions import (Cost, InsertionValues, Intervention, concept_index,
                                                      concept_presence, layer_activation, render)
 from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents
 
-__all__ = ["AceResult", "measure_ace", "unit_ace", "removal_curve", "bootstrap_ci", "check_units"]
+__all__ = ["AceResult", "measure_ace", "measure_ace_cost", "unit_ace", "unit_ace_reference", "unit_ace_cost",
+           "removal_curve", "removal_curve_cost", "bootstrap_ci", "check_units"]
 
 
 def check_units(units, n_units: int) -> np.ndarray:
@@ -70,6 +76,46 @@ def _removal(orig, abl):
     return float(1 - abl.mean() / m) if m > 0 else float("nan")
 
 
+def _batches(n_samples: int, batch_size: int):
+    return [(i, min(i + batch_size, n_samples)) for i in range(0, n_samples, batch_size)]
+
+
+def _groups(items, batch_size: int, images_per_pass: int):
+    """``items`` (edits) in groups rendered together, one copy of a batch of samples each."""
+    per = max(1, int(images_per_pass) // max(1, batch_size))
+    return [items[j:j + per] for j in range(0, len(items), per)]
+
+
+def _pass_cost(G, layer, n_images: int, segmented: bool = True) -> Cost:
+    """One render of ``n_images``: from the layer on where the model allows it."""
+    return Cost(1, int(can_run_from(G, layer)), int(segmented), n_images)
+
+
+def _edited_presence(G, S, layer, c, zb, r, weights, values=None):
+    """(P, B) presence of concept ``c`` under P edits at once: row j of ``weights`` (P,C) are the
+    unit weights of edit j (k = ``values`` (C,), None: ablation), applied to its own copy of the
+    batch ``zb`` (layer output ``r``, or None where the model cannot run from the layer)."""
+    P, B = weights.shape[0], zb.shape[0]
+    edit = Edit(layer, weights.repeat_interleave(B, 0), values)  # sample j*B+b: edit j on sample b
+    if r is not None:
+        x = render(G, None, [edit], activation=r.repeat(P, *[1] * (r.dim() - 1)), layer=layer)
+    else:
+        x = render(G, zb.repeat(P, *[1] * (zb.dim() - 1)), [edit])
+    return concept_presence(S, x, c).view(P, B)
+
+
+def measure_ace_cost(G, layer: str, n_samples: int = 200, batch_size: int = 16) -> Cost:
+    """What ``measure_ace`` with these arguments renders (insertion values not included: see
+    ``InsertionValues.cost``)."""
+    resumable = can_run_from(G, layer)
+    cost = Cost(1, 0, 0, 1)  # the layer's and the images' sizes, from one latent
+    for i0, i1 in _batches(n_samples, batch_size):  # the layer's output, then original, ablated, inserted
+        if resumable:
+            cost = cost + Cost(1, 0, 0, i1 - i0)
+        cost = cost + _pass_cost(G, layer, i1 - i0) + _pass_cost(G, layer, i1 - i0) + _pass_cost(G, layer, i1 - i0)
+    return cost
+
+
 def measure_ace(G, S, layer: str, units, concept, n_samples: int = 200, seed: int = 2, batch_size: int = 16,
                 values=None, region=None, insertion: InsertionValues | None = None, bootstrap: int = 1000,
                 level: float = 0.95, progress: bool = False, z=None) -> AceResult:
@@ -78,6 +124,7 @@ def measure_ace(G, S, layer: str, units, concept, n_samples: int = 200, seed: in
     values: insertion constants (C,) or per unit; default ``insertion(layer, concept)``.
     region: optional image-resolution mask where the units are switched (default everywhere).
     z: explicit latents (then n_samples and seed are ignored).
+    progress: see ``engine.progress`` (a step per batch of samples).
     """
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
@@ -87,22 +134,27 @@ def measure_ace(G, S, layer: str, units, concept, n_samples: int = 200, seed: in
         z = sample_latents(G, n_samples, seed)
     n_samples = z.shape[0]
     dev = model_device(G)
-    first = layer_activation(G, z[:1].to(dev), layer)
-    u = check_units(units, first.shape[1])
+    with torch.no_grad(), TraceDict(G, [layer]) as tr:  # the layer's shape and the images' size
+        image = G(z[:1].to(dev))
+    shape = tuple(tr[layer].output.shape[1:])
+    u = check_units(units, shape[0])
     if values is None:
         values = (insertion or InsertionValues(G, S))(layer, c)
     values = torch.as_tensor(values, dtype=torch.float32)
-    if values.numel() == first.shape[1]:
+    if values.numel() == shape[0]:
         values = values[torch.from_numpy(u)]
-    abl = Intervention(layer, u, "ablate", region=region)
-    ins = Intervention(layer, u, "insert", values=values, region=region)
+    abl = Intervention(layer, u, "ablate", region=region).to_edit(shape, image.shape[-2:])
+    ins = Intervention(layer, u, "insert", values=values, region=region).to_edit(shape, image.shape[-2:])
     out = {"original": [], "ablated": [], "inserted": []}
-    for i in tqdm(range(0, n_samples, batch_size), disable=not progress, desc=f"ace {layer}"):
-        zb = z[i:i + batch_size].to(dev)
-        r = layer_activation(G, zb, layer)
-        for name, ivs in (("original", []), ("ablated", [abl]), ("inserted", [ins])):
-            x = render(G, zb, ivs, activation=r, layer=layer)
-            out[name].append(concept_presence(S, x, c).cpu())
+    batches, resumable = _batches(n_samples, batch_size), can_run_from(G, layer)
+    with Steps(progress, len(batches), f"ace {layer}") as steps:
+        for i0, i1 in batches:
+            zb = z[i0:i1].to(dev)
+            r = layer_activation(G, zb, layer) if resumable else None
+            for name, ivs in (("original", []), ("ablated", [abl]), ("inserted", [ins])):
+                x = render(G, zb, ivs, activation=r, layer=layer)
+                out[name].append(concept_presence(S, x, c).cpu())
+            steps.update()
     o, a, n = (torch.cat(out[k]).numpy().astype(np.float64) for k in ("original", "ablated", "inserted"))
     N = len(o)
     ace_ci = bootstrap_ci(lambda idx: n[idx].mean() - a[idx].mean(), N, bootstrap, level)
@@ -111,11 +163,7 @@ def measure_ace(G, S, layer: str, units, concept, n_samples: int = 200, seed: in
                      _removal(o, a), rem_ci)
 
 
-def unit_ace(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batch_size: int = 16,
-             values=None, insertion: InsertionValues | None = None, progress=True, units=None) -> np.ndarray:
-    """(U,) single-unit ACE of the units of ``layer`` on ``concept`` (insert it alone minus ablate
-    it alone): every unit, or those in ``units`` (the others are NaN).  ``progress``: see
-    ``engine.progress`` (a step per group of units and batch of samples)."""
+def _unit_ace_setup(G, S, layer, concept, n_samples, seed, values, insertion, units):
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
     dev = model_device(G)
@@ -124,56 +172,79 @@ def unit_ace(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batc
     todo = list(range(U)) if units is None else check_units(units, U).tolist()
     if values is None:
         values = (insertion or InsertionValues(G, S))(layer, c)
-    values = torch.as_tensor(values, dtype=torch.float32).to(dev)
-    diff = np.full(U, np.nan)
-    diff[todo] = 0
-    per = max(1, 64 // batch_size)  # units rendered together, one batch of latents each
-    batches = range(0, n_samples, batch_size)
-    groups = [todo[j:j + per] for j in range(0, len(todo), per)]
-    with Steps(progress, len(batches) * len(groups), f"unit ACE {layer}") as steps:
-        for i in batches:
-            zb = z[i:i + batch_size].to(dev)
-            r = layer_activation(G, zb, layer)
-            for us in groups:
-                _unit_group_ace(G, S, layer, c, zb, r, us, values, diff)
-                steps.update()
-    return diff / n_samples
+    values = torch.as_tensor(values, dtype=torch.float32).reshape(-1).to(dev)
+    if values.numel() != U:
+        raise ValueError(f"unit ACE needs one insertion value per unit of {layer} ({U}), got {values.numel()}")
+    return c, dev, z, U, todo, values
 
 
-def _unit_group_ace(G, S, layer, c, zb, r, us, values, diff):
-    """Add to ``diff[u]`` the summed presence difference, insert minus ablate, of each unit of
-    ``us`` alone, over the samples ``zb`` (layer output ``r``), in one partial forward per side."""
-    B = r.shape[0]
-    if not can_run_from(G, layer):  # no partial forward: one unit at a time, edits hooked in
-        for u in us:
-            pin = concept_presence(S, render(G, zb, [Intervention(layer, [u], "insert", values[u:u + 1])]), c)
-            pab = concept_presence(S, render(G, zb, [Intervention(layer, [u], "ablate")]), c)
-            diff[u] += float((pin - pab).sum())
-        return
-    rep = r.repeat(len(us), 1, 1, 1)
-    ins, abl = rep.clone(), rep.clone()
-    for j, u in enumerate(us):  # r' = r*(1-a) + k*a with a = 1 on unit u alone
-        ins[j * B:(j + 1) * B, u] = values[u]
-        abl[j * B:(j + 1) * B, u] = 0
-    pin = concept_presence(S, render(G, None, [], activation=ins, layer=layer), c)
-    pab = concept_presence(S, render(G, None, [], activation=abl, layer=layer), c)
-    diff[us] += (pin - pab).view(len(us), B).sum(1).cpu().numpy()
+def _unit_ace_result(per_sample, todo):
+    """(U,) mean over samples of the per-sample differences; NaN for units not measured."""
+    out = np.full(per_sample.shape[0], np.nan)
+    out[todo] = per_sample[todo].sum(1) / per_sample.shape[1]
+    return out
 
 
-def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20, 50), n_samples: int = 100,
-                  seed: int = 4, batch_size: int = 16, random_draws: int = 5, random_seed: int = 0,
-                  progress: bool = True) -> dict:
-    """Removal ratio against the number of top units ablated, for each ranking and for random units.
-
-    rankings: {name: unit indices in rank order} (e.g. IoU and ACE rankings).
-    Returns {"ks": [...], "curves": {name: [...]}, "random_mean": [...], "random_std": [...],
-    "random_draws": [[...], ...], "original": mean presence}.
-    """
-    resolve_layers(G, [layer])
-    c = concept_index(S.labels, concept)
+def unit_ace_cost(G, layer: str, n_samples: int = 64, batch_size: int = 16, units=None,
+                  images_per_pass: int = 64) -> Cost:
+    """What ``unit_ace`` with these arguments renders (insertion values not included)."""
     dev = model_device(G)
-    z = sample_latents(G, n_samples, seed)
-    U = layer_activation(G, z[:1].to(dev), layer).shape[1]
+    U = layer_activation(G, sample_latents(G, 1, 0).to(dev), layer).shape[1]
+    todo = list(range(U)) if units is None else check_units(units, U).tolist()
+    resumable = can_run_from(G, layer)
+    cost = Cost(1, 0, 0, 1)
+    for i0, i1 in _batches(n_samples, batch_size):
+        if resumable:
+            cost = cost + Cost(1, 0, 0, i1 - i0)
+        for us in _groups(todo, batch_size, images_per_pass):
+            cost = cost + _pass_cost(G, layer, len(us) * (i1 - i0)) + _pass_cost(G, layer, len(us) * (i1 - i0))
+    return cost
+
+
+def unit_ace(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batch_size: int = 16,
+             values=None, insertion: InsertionValues | None = None, progress=True, units=None,
+             images_per_pass: int = 64) -> np.ndarray:
+    """(U,) single-unit ACE of the units of ``layer`` on ``concept`` (insert it alone minus ablate
+    it alone): every unit, or those in ``units`` (the others are NaN).
+
+    Units are rendered together: each pass holds about ``images_per_pass`` images (a copy of a
+    batch of ``batch_size`` samples per unit), re-run from the layer where the model allows it,
+    else whole forward passes with the edits hooked in.  ``unit_ace_cost`` counts the passes.
+    ``progress``: see ``engine.progress`` (a step per pass: a group of units and a batch of samples).
+    Equal to ``unit_ace_reference``, which renders one unit at a time."""
+    c, dev, z, U, todo, values = _unit_ace_setup(G, S, layer, concept, n_samples, seed, values, insertion, units)
+    resumable = can_run_from(G, layer)
+    per_sample = np.zeros((U, n_samples))
+    batches, groups = _batches(n_samples, batch_size), _groups(todo, batch_size, images_per_pass)
+    with torch.no_grad(), Steps(progress, len(batches) * len(groups), f"unit ACE {layer}") as steps:
+        for i0, i1 in batches:
+            zb = z[i0:i1].to(dev)
+            r = layer_activation(G, zb, layer) if resumable else None
+            for us in groups:
+                onehot = torch.nn.functional.one_hot(torch.tensor(us, device=dev), U).float()
+                pin = _edited_presence(G, S, layer, c, zb, r, onehot, values)
+                pab = _edited_presence(G, S, layer, c, zb, r, onehot)
+                per_sample[us, i0:i1] = (pin - pab).cpu().numpy()
+                steps.update()
+    return _unit_ace_result(per_sample, todo)
+
+
+def unit_ace_reference(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batch_size: int = 16,
+                       values=None, insertion: InsertionValues | None = None, units=None) -> np.ndarray:
+    """``unit_ace`` by its definition, one unit and one batch at a time (slow, and readable)."""
+    c, dev, z, U, todo, values = _unit_ace_setup(G, S, layer, concept, n_samples, seed, values, insertion, units)
+    per_sample = np.zeros((U, n_samples))
+    for i0, i1 in _batches(n_samples, batch_size):
+        zb = z[i0:i1].to(dev)
+        for u in todo:
+            inserted = render(G, zb, [Intervention(layer, [u], "insert", values[u:u + 1])])
+            ablated = render(G, zb, [Intervention(layer, [u], "ablate")])
+            per_sample[u, i0:i1] = (concept_presence(S, inserted, c) - concept_presence(S, ablated, c)).cpu().numpy()
+    return _unit_ace_result(per_sample, todo)
+
+
+def _removal_sets(rankings: dict, ks, U: int, random_draws: int, random_seed: int):
+    """{(ranking name or 'random<d>', k): the top k units}, and the ks kept (0 < k <= U)."""
     ks = [int(k) for k in ks if 0 < k <= U]
     rng = np.random.RandomState(random_seed)
     sets = {}
@@ -185,15 +256,59 @@ def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20
         perm = rng.permutation(U)
         for k in ks:
             sets[(f"random{d}", k)] = perm[:k]
+    return sets, ks
+
+
+def removal_curve_cost(G, layer: str, rankings: dict, ks=(1, 2, 5, 10, 20, 50), n_samples: int = 100,
+                       batch_size: int = 16, random_draws: int = 5, images_per_pass: int = 64) -> Cost:
+    """What ``removal_curve`` with these arguments renders."""
+    dev = model_device(G)
+    U = layer_activation(G, sample_latents(G, 1, 0).to(dev), layer).shape[1]
+    sets, _ = _removal_sets(rankings, ks, U, random_draws, 0)
+    cost = Cost(1, 0, 0, 1)
+    for i0, i1 in _batches(n_samples, batch_size):
+        B = i1 - i0
+        cost = cost + Cost(1, 0, 0, B) + _pass_cost(G, layer, B)
+        for group in _groups(list(sets), batch_size, images_per_pass):
+            cost = cost + _pass_cost(G, layer, len(group) * B)
+    return cost
+
+
+def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20, 50), n_samples: int = 100,
+                  seed: int = 4, batch_size: int = 16, random_draws: int = 5, random_seed: int = 0,
+                  progress: bool = True, images_per_pass: int = 64) -> dict:
+    """Removal ratio against the number of top units ablated, for each ranking and for random units.
+
+    rankings: {name: unit indices in rank order} (e.g. IoU and ACE rankings).  The unit sets are
+    ablated together, about ``images_per_pass`` images a pass (``removal_curve_cost`` counts them).
+    Returns {"ks": [...], "curves": {name: [...]}, "random_mean": [...], "random_std": [...],
+    "random_draws": [[...], ...], "original": mean presence}.
+    """
+    resolve_layers(G, [layer])
+    c = concept_index(S.labels, concept)
+    dev = model_device(G)
+    z = sample_latents(G, n_samples, seed)
+    U = layer_activation(G, z[:1].to(dev), layer).shape[1]
+    sets, ks = _removal_sets(rankings, ks, U, random_draws, random_seed)
+    keys = list(sets)
+    weights = torch.zeros(len(keys), U, device=dev)
+    for j, key in enumerate(keys):
+        weights[j, torch.from_numpy(np.asarray(sets[key])).to(dev)] = 1
+    resumable = can_run_from(G, layer)
     orig = 0.0
-    abl = {key: 0.0 for key in sets}
-    for i in tqdm(range(0, n_samples, batch_size), disable=not progress, desc=f"removal {layer}"):
-        zb = z[i:i + batch_size].to(dev)
-        r = layer_activation(G, zb, layer)
-        orig += float(concept_presence(S, render(G, zb, [], activation=r, layer=layer), c).sum())
-        for key, units in sets.items():
-            x = render(G, zb, [Intervention(layer, units, "ablate")], activation=r, layer=layer)
-            abl[key] += float(concept_presence(S, x, c).sum())
+    abl = dict.fromkeys(keys, 0.0)
+    batches, groups = _batches(n_samples, batch_size), _groups(list(range(len(keys))), batch_size, images_per_pass)
+    with torch.no_grad(), Steps(progress, len(batches) * (1 + len(groups)), f"removal {layer}") as steps:
+        for i0, i1 in batches:
+            zb = z[i0:i1].to(dev)
+            r = layer_activation(G, zb, layer) if resumable else None
+            orig += float(concept_presence(S, render(G, zb, [], activation=r, layer=layer), c).double().sum())
+            steps.update()
+            for group in groups:
+                pres = _edited_presence(G, S, layer, c, zb, r, weights[group]).double().sum(1).cpu().numpy()
+                for j, p in zip(group, pres):
+                    abl[keys[j]] += float(p)
+                steps.update()
     ratio = {key: (1 - v / orig) if orig > 0 else float("nan") for key, v in abl.items()}
     curves = {name: [ratio[(name, k)] for k in ks] for name in rankings}
     draws = [[ratio[(f"random{d}", k)] for k in ks] for d in range(random_draws)]

@@ -2,7 +2,8 @@
 depending on what is there (a door appears on a wall, not in the sky).
 
 For each sample and each chosen cell of the layer grid, the concept's units are set to their
-insertion values in that cell alone; the concept pixels added to the image are tabulated by the
+insertion values in that cell alone (the engine's ``Edit``, a mask per copy of the sample, 64
+places a pass re-run from the layer); the concept pixels added to the image are tabulated by the
 label the unedited image has at the centre of that cell.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gandissect_widgets.engine.ace import check_units
-from gandissect_widgets.engine.hooks import can_run_from, resolve_layers
+from gandissect_widgets.engine.hooks import Edit, can_run_from, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, concept_index, layer_activation,
                                                      render)
 from gandissect_widgets.engine.protocols import model_device, sample_latents, segment
@@ -85,8 +86,8 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
     gh, gw = h - patch + 1, w - patch + 1  # top-left cells of the places
     rng = np.random.RandomState(seed)
     L = len(S.labels)
-    count, s1, s2 = np.zeros(L), np.zeros(L), np.zeros(L)
     uidx = torch.from_numpy(units).to(dev)
+    labels, added = [], []  # per insertion, in order: the context label, the concept fraction added
     for i in tqdm(range(0, n_samples, batch_size), disable=not progress, desc=f"context {layer}"):
         zb = z[i:i + batch_size].to(dev)
         r = layer_activation(G, zb, layer)
@@ -95,30 +96,40 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
         H, W = seg0.shape[-2:]
         base = (seg0 == c).any(1).float().mean((1, 2))  # (B,)
         if locations is None:
-            cells = [(y, x) for y in range(gh) for x in range(gw)]
-            per_sample = [cells] * B
+            places = [np.arange(gh * gw)] * B
         else:
-            per_sample = [[(int(p) // gw, int(p) % gw)
-                           for p in rng.choice(gh * gw, min(locations, gh * gw), replace=False)]
-                          for _ in range(B)]
-        jobs = [(b, y, x) for b in range(B) for (y, x) in per_sample[b]]
-        for j0 in range(0, len(jobs), 64):
-            chunk = jobs[j0:j0 + 64]
-            bidx = torch.tensor([b for b, _, _ in chunk], device=dev)
-            rr = r[bidx].clone()
-            for n, (b, y, x) in enumerate(chunk):
-                rr[n, uidx, y:y + patch, x:x + patch] = values[:, None, None]
-            seg1 = segment(S, render(G, None, [], activation=rr, layer=layer))
-            added = ((seg1 == c).any(1).float().mean((1, 2)) - base[bidx]).cpu().numpy()
-            for n, (b, y, x) in enumerate(chunk):
-                cy, cx = min(H - 1, int((y + patch / 2) * H / h)), min(W - 1, int((x + patch / 2) * W / w))
-                lab = int(seg0[b, 0, cy, cx])
-                count[lab] += 1
-                s1[lab] += added[n]
-                s2[lab] += added[n] ** 2
+            places = [rng.choice(gh * gw, min(locations, gh * gw), replace=False) for _ in range(B)]
+        b = np.repeat(np.arange(B), [len(p) for p in places])
+        pos = np.concatenate(places).astype(np.int64)
+        y, x = pos // gw, pos % gw
+        cy = np.minimum(H - 1, ((y + patch / 2) * H / h).astype(np.int64))  # the centre of each place
+        cx = np.minimum(W - 1, ((x + patch / 2) * W / w).astype(np.int64))
+        labels.append(seg0[torch.from_numpy(b).to(dev), 0, torch.from_numpy(cy).to(dev),
+                           torch.from_numpy(cx).to(dev)].cpu().numpy())
+        for j0 in range(0, len(b), 64):
+            bidx = torch.from_numpy(b[j0:j0 + 64]).to(dev)
+            edit = Edit(layer, uidx, values, _patch_masks(y[j0:j0 + 64], x[j0:j0 + 64], patch, (h, w), r))
+            seg1 = segment(S, render(G, None, [edit], activation=r[bidx], layer=layer))
+            added.append(((seg1 == c).any(1).float().mean((1, 2)) - base[bidx]).cpu().numpy())
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    added = np.concatenate(added) if added else np.zeros(0, np.float32)
+    count = np.bincount(labels, minlength=L).astype(np.float64)
+    s1 = np.bincount(labels, weights=added, minlength=L)
+    s2 = np.bincount(labels, weights=added ** 2, minlength=L)
     mean = np.divide(s1, count, out=np.zeros(L), where=count > 0)
     var = np.divide(s2, count, out=np.zeros(L), where=count > 0) - mean ** 2
     settings = dict(n_samples=n_samples, seed=seed, locations=locations, grid=[int(h), int(w)],
                     patch=patch, strength=float(strength))
     return ContextResult(layer, S.labels[c], units.tolist(), list(S.labels), count, mean,
                          np.sqrt(np.clip(var, 0, None)), settings)
+
+
+def _patch_masks(y, x, patch, grid, like):
+    """(P,1,h,w) masks, 1 on the ``patch`` x ``patch`` cells from (y[p], x[p]) of each place p."""
+    rows = torch.arange(grid[0], device=like.device)
+    cols = torch.arange(grid[1], device=like.device)
+    y = torch.from_numpy(y).to(like.device)[:, None]
+    x = torch.from_numpy(x).to(like.device)[:, None]
+    inside_y = (rows[None] >= y) & (rows[None] < y + patch)  # (P,h)
+    inside_x = (cols[None] >= x) & (cols[None] < x + patch)  # (P,w)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).to(like.dtype)[:, None]

@@ -9,10 +9,12 @@
 - ``concept_presence``: s_c(x), the fraction of pixels a segmenter marks as c.
 - ``InsertionValues``: per-unit insertion constants k (mean activation where the concept is, or a
   quantile of the unit's activations), computed once per (layer, concept, settings) and cached.
+- ``Cost``: the forward passes, segmenter calls and images a causal measurement plans, told
+  before it starts (each tool has a ``*_cost`` twin that counts from the same schedule).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +27,26 @@ from gandissect_widgets.engine.protocols import model_device, sample_latents, se
 from gandissect_widgets.engine.upsample import pool_mask
 
 __all__ = ["Intervention", "render", "layer_activation", "concept_presence", "concept_index",
-           "InsertionValues", "execution_order"]
+           "InsertionValues", "execution_order", "Cost"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Planned work: ``forward_passes`` of the generator (``from_layer`` of them run only the
+    layers after the edited one), ``segmenter_calls``, and ``images`` rendered in all."""
+
+    forward_passes: int = 0
+    from_layer: int = 0
+    segmenter_calls: int = 0
+    images: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def __str__(self):
+        part = f" ({self.from_layer:,} from the edited layer on)" if self.from_layer else ""
+        return (f"{self.forward_passes:,} forward passes{part}, {self.segmenter_calls:,} segmenter calls, "
+                f"{self.images:,} images")
 
 
 def concept_index(labels: Sequence[str], concept) -> int:
@@ -137,9 +158,11 @@ def render(G, z, interventions: Sequence = (), activation=None, layer=None, imag
             for e in edits:
                 r = e.apply(r)
             return run_from(G, L, r)
-        with TraceDict(G, layers, stop_after=execution_order(G, layers, z)[-1]) as tr:
-            G(z[:1])
-        shapes = {l: tuple(tr[l].output.shape[1:]) for l in layers}
+        shapes = {}
+        if not all(isinstance(iv, Edit) for iv in interventions):  # regions are pooled to the layers' grids
+            with TraceDict(G, layers, stop_after=execution_order(G, layers, z)[-1]) as tr:
+                G(z[:1])
+            shapes = {l: tuple(tr[l].output.shape[1:]) for l in layers}
         edits = [e for es in _edits_by_layer(G, interventions, image_size, shapes).values() for e in es]
         with edit_layers(G, edits):
             return G(z)
@@ -209,6 +232,13 @@ class InsertionValues:
         if c not in table["values"]:  # one tensor per concept, so repeated calls return the same object
             table["values"][c] = table["total"][c] / table["weight"][c]
         return table["values"][c]
+
+    def cost(self, layers) -> Cost:
+        """What ``prepare(layers)`` will compute: nothing when they are cached."""
+        if all(self.cached(l) for l in layers):
+            return Cost()
+        n = -(-self.n_samples // self.batch_size)
+        return Cost(n, 0, 0 if self.mode == "quantile" else n, self.n_samples)
 
     def prepare(self, layers, progress=False):
         """Compute the values of every concept for the ``layers`` not cached yet, in one pass.

@@ -302,7 +302,8 @@ class Session:
 
     def unit_ace(self, layer: str, concept, n_samples: int = 32, units=None, progress=False) -> np.ndarray:
         """(U,) single-unit ACE with this session's insertion values (NaN for units not in
-        ``units``, default all: 2 partial renders per unit and batch of samples)."""
+        ``units``, default all), many units a pass (``engine.ace.unit_ace``; ``progress`` moves
+        a step per pass, ``engine.ace.unit_ace_cost`` counts them)."""
         from gandissect_widgets.engine.ace import unit_ace
         self.insertion_values(layer, concept, progress)
         with self.lock:
