@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-__all__ = ["main", "build_parser", "UserError", "check_result_dir", "models_of_result"]
+__all__ = ["main", "build_parser", "UserError", "check_result_dir", "fill_models_from"]
 
 PROG = "gandissect"
 
@@ -333,9 +333,6 @@ def _load(kind, name, checkpoint, device, trust_pickle=False):
     from gandissect_widgets.checkpoint import CheckpointError, UntrustedPickleError, explain_load_error
     flag = "--checkpoint" if kind == "generator" else "--segmenter-checkpoint"
     takes = lambda opt: registry.takes_option(kind, name, opt)  # noqa: E731 (raises for unknown names)
-    opts = {}
-    if takes("device"):
-        opts["device"] = device
     if checkpoint is not None:
         _check_checkpoint_arg(flag, checkpoint)
         if not takes("checkpoint"):
@@ -343,13 +340,8 @@ def _load(kind, name, checkpoint, device, trust_pickle=False):
             raise UserError(f"{flag}: {kind} {name!r} loads no checkpoint (its options: "
                             f"{', '.join(reg.options(name) or []) or 'none'}); leave {flag} out, or choose a "
                             f"{kind} family that loads weights")
-        opts["checkpoint"] = checkpoint
-    trusted = bool(trust_pickle and takes("trust_pickle"))
-    if trusted:
-        opts["trust_pickle"] = True
-    load = registry.load_generator if kind == "generator" else registry.load_segmenter
     try:
-        return load(name, **opts)
+        return registry.load_model(kind, name, device, checkpoint, trust_pickle)
     except UntrustedPickleError as e:
         if takes("trust_pickle"):
             raise
@@ -525,7 +517,7 @@ def cmd_dissect(a):
 
 
 def _models_record(a) -> dict:
-    """How the models of this run load again (kept in dissect.json's settings, read by models_of_result)."""
+    """How the models of this run load again (kept in dissect.json's settings: registry.recorded_models)."""
     from gandissect_widgets.registry import origin
     out = {}
     for kind, name, ckpt in (("generator", a.generator, a.checkpoint),
@@ -535,40 +527,20 @@ def _models_record(a) -> dict:
     return out
 
 
-def models_of_result(directory) -> dict:
-    """{kind: {"name", "checkpoint", ...}} that the result in ``directory`` records ({} where it records
-    none, or cannot be read: loading it says why).  Results older than the record give their names."""
-    try:
-        with open(os.path.join(directory, "dissect.json")) as f:
-            settings = json.load(f).get("settings") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    if not isinstance(settings, dict):
-        return {}
-    recorded = settings.get("models") if isinstance(settings.get("models"), dict) else {}
-    out = {}
-    for kind in ("generator", "segmenter"):
-        r = recorded.get(kind) if isinstance(recorded.get(kind), dict) else {}
-        name = r.get("name") or settings.get(kind)
-        if isinstance(name, str) and name:
-            ckpt = r.get("checkpoint")
-            out[kind] = {"name": name, "checkpoint": ckpt if isinstance(ckpt, str) and ckpt else None}
-    return out
-
-
 def fill_models_from(a, directory):
-    """--generator/--segmenter left out (None): the ones the result in ``directory`` was made with, with
-    their checkpoints unless --checkpoint is given (else sceneworld)."""
-    from gandissect_widgets.registry import refuse_code_inside
-    recorded = models_of_result(directory) if directory else {}
-    for kind, ckpt_flag in (("generator", "checkpoint"), ("segmenter", "segmenter_checkpoint")):
-        r = recorded.get(kind, {})
-        if getattr(a, kind, "?") is None:
-            if r.get("name"):
-                refuse_code_inside(r["name"], directory, kind)
-            setattr(a, kind, r.get("name") or "sceneworld")
-        if getattr(a, ckpt_flag, "?") is None and r.get("name") == getattr(a, kind, None) and r.get("checkpoint"):
-            setattr(a, ckpt_flag, r["checkpoint"])
+    """--generator/--segmenter left out (None): the ones the result in ``directory`` records, with their
+    checkpoints unless --checkpoint is given; else sceneworld."""
+    from gandissect_widgets.registry import models_to_load
+    settings = {}
+    if directory:
+        try:
+            with open(os.path.join(directory, "dissect.json")) as f:
+                settings = json.load(f).get("settings")
+        except (OSError, ValueError, AttributeError):
+            pass  # loading the dissection says what is wrong with it
+    chosen = models_to_load(settings, directory, a.generator, a.checkpoint, a.segmenter, a.segmenter_checkpoint,
+                            default="sceneworld")
+    (a.generator, a.checkpoint), (a.segmenter, a.segmenter_checkpoint) = chosen["generator"], chosen["segmenter"]
 
 
 def cmd_layers(a):

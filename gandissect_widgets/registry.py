@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["Registry", "GENERATORS", "SEGMENTERS", "UnknownNameError", "PluginError", "register_generator",
-           "register_segmenter", "load_generator", "load_segmenter", "list_generators", "list_segmenters",
-           "takes_option", "is_import_path", "import_object", "refuse_code_inside", "origin", "list_models"]
+           "register_segmenter", "load_generator", "load_segmenter", "load_model", "list_generators", "list_segmenters",
+           "takes_option", "is_import_path", "import_object", "refuse_code_inside", "recorded_models", "models_to_load", "origin", "list_models"]
 
 PLUGIN_GROUPS = {"generator": "gandissect_widgets.generators", "segmenter": "gandissect_widgets.segmenters"}
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -116,6 +116,40 @@ def refuse_code_inside(spec, directory, what: str = "model"):
         raise PluginError(f"{directory}/dissect.json names the {what} {spec!r}, whose module {top} lies inside that "
                           f"result directory ({where}): code that comes with a result is not imported on its word; "
                           f"if you trust it, name it yourself (--{what} {spec})")
+
+
+def recorded_models(settings) -> dict:
+    """{kind: {"name", "checkpoint"}} that a result's settings record for loading its models again
+    (``settings["models"]``, written by the command line; older results give only their names)."""
+    if not isinstance(settings, dict):
+        return {}
+    recorded = settings.get("models") if isinstance(settings.get("models"), dict) else {}
+    out = {}
+    for kind in ("generator", "segmenter"):
+        r = recorded.get(kind) if isinstance(recorded.get(kind), dict) else {}
+        name = r.get("name") or settings.get(kind)
+        if isinstance(name, str) and name:
+            ckpt = r.get("checkpoint")
+            out[kind] = {"name": name, "checkpoint": ckpt if isinstance(ckpt, str) and ckpt else None}
+    return out
+
+
+def models_to_load(settings, directory, generator=None, checkpoint=None, segmenter=None, segmenter_checkpoint=None,
+                   default=None) -> dict:
+    """{"generator": (name, checkpoint), "segmenter": (name, checkpoint)}: the ones given, else the ones the
+    result in ``directory`` records (with their checkpoints unless others are given), else ``default``.
+    A recorded import path whose module lies inside ``directory`` raises ``PluginError``."""
+    recorded = recorded_models(settings)
+    out = {}
+    for kind, name, ckpt in (("generator", generator, checkpoint), ("segmenter", segmenter, segmenter_checkpoint)):
+        r = recorded.get(kind, {})
+        if name is None and r.get("name"):
+            refuse_code_inside(r["name"], directory, kind)
+        name = name or r.get("name") or default
+        if ckpt is None and name == r.get("name"):
+            ckpt = r.get("checkpoint")
+        out[kind] = (name, ckpt)
+    return out
 
 
 @dataclass
@@ -308,6 +342,23 @@ def load_generator(name: str = "sceneworld", /, **options):
 def load_segmenter(name: str = "sceneworld", /, **options):
     """A segmenter by registered name, plug-in name or import path; options go to its constructor."""
     return _registry("segmenter").load(name, **options)
+
+
+def load_model(kind: str, name: str, device=None, checkpoint=None, trust_pickle: bool = False):
+    """The ``kind`` ``name`` with the usual options, each passed only to a constructor that takes it:
+    ``device``, ``checkpoint`` (given to one that takes none: ``ValueError``) and ``trust_pickle``."""
+    reg = _registry(kind)
+    opts = {}
+    if device is not None and reg.takes(name, "device"):
+        opts["device"] = device
+    if checkpoint is not None:
+        if not reg.takes(name, "checkpoint"):
+            raise ValueError(f"{kind} {name!r} loads no checkpoint (its options: "
+                             f"{', '.join(reg.options(name) or []) or 'none'}), and {checkpoint} was given for it")
+        opts["checkpoint"] = checkpoint
+    if trust_pickle and reg.takes(name, "trust_pickle"):
+        opts["trust_pickle"] = True
+    return reg.load(name, **opts)
 
 
 def takes_option(kind: str, name: str, option: str) -> bool:

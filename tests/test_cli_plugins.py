@@ -21,7 +21,7 @@ import torch
 
 import gandissect_widgets as gw
 from gandissect_widgets.cli import main
-from gandissect_widgets.registry import GENERATORS, SEGMENTERS, PluginError, import_object
+from gandissect_widgets.registry import GENERATORS, PluginError, import_object
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

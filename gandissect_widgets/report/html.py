@@ -106,46 +106,21 @@ MODELS_ADVICE = ("give the models with --generator and --segmenter: a registered
                  "--segmenter-checkpoint for their weights files")
 
 
-def _load_one(kind, name, checkpoint, device, trust_pickle):
-    """The ``kind`` ``name`` with the options its constructor takes (device, checkpoint, trust_pickle)."""
-    from gandissect_widgets.registry import load_generator, load_segmenter, takes_option
-    opts = {}
-    if takes_option(kind, name, "device"):
-        opts["device"] = device
-    if checkpoint:
-        if not takes_option(kind, name, "checkpoint"):
-            raise ValueError(f"{kind} {name!r} loads no checkpoint, and {checkpoint} was given for it")
-        opts["checkpoint"] = checkpoint
-    if trust_pickle and takes_option(kind, name, "trust_pickle"):
-        opts["trust_pickle"] = True
-    return (load_generator if kind == "generator" else load_segmenter)(name, **opts)
-
-
 def _load_models(d, directory, generator, segmenter, checkpoint, segmenter_checkpoint, device, trust_pickle=False):
     """(G, S, notes) or (None, None, notes): the models recorded in the settings unless others are given."""
     from gandissect_widgets.engine.protocols import fingerprint
-    from gandissect_widgets.registry import refuse_code_inside
-    recorded = d.settings.get("models") if isinstance(d.settings.get("models"), dict) else {}
-
-    def pick(kind, name, ckpt):
-        r = recorded.get(kind) if isinstance(recorded.get(kind), dict) else {}
-        given = name
-        name = name or r.get("name") or d.settings.get(kind)
-        if ckpt is None and name == r.get("name"):
-            ckpt = r.get("checkpoint")
-        return name, ckpt, given is None
-
-    (gname, checkpoint, g_rec), (sname, segmenter_checkpoint, s_rec) = (
-        pick("generator", generator, checkpoint), pick("segmenter", segmenter, segmenter_checkpoint))
+    from gandissect_widgets.registry import load_model, models_to_load, recorded_models
+    recorded = recorded_models(d.settings)
+    gname = generator or recorded.get("generator", {}).get("name")
+    sname = segmenter or recorded.get("segmenter", {}).get("name")
     notes = []
     try:
-        for kind, name, rec in (("generator", gname, g_rec), ("segmenter", sname, s_rec)):
-            if rec and name:
-                refuse_code_inside(name, directory, kind)
+        chosen = models_to_load(d.settings, directory, generator, checkpoint, segmenter, segmenter_checkpoint)
+        (gname, checkpoint), (sname, segmenter_checkpoint) = chosen["generator"], chosen["segmenter"]
         if not gname or not sname:
             raise ValueError("dissect.json records no generator/segmenter name")
-        G = _load_one("generator", gname, checkpoint, device, trust_pickle)
-        S = _load_one("segmenter", sname, segmenter_checkpoint, device, trust_pickle)
+        G = load_model("generator", gname, device, checkpoint, trust_pickle)
+        S = load_model("segmenter", sname, device, segmenter_checkpoint, trust_pickle)
         if list(S.labels) != list(d.labels):
             raise ValueError(f"segmenter {sname!r} has other labels than the dissection's")
     except Exception as e:  # any failure to load means: a report without pictures
