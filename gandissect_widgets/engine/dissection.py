@@ -59,13 +59,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gandissect_widgets.engine import devices
 from gandissect_widgets.engine.counting import candidate_add, dense_add, unit_chunks
 from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
 from gandissect_widgets.engine.io import atomic_write_bytes, cache_key
 from gandissect_widgets.engine.layer_listing import describe_output
 from gandissect_widgets.engine.protocols import (NonFiniteError, ProtocolError, check_generator, check_images,
                                                  check_sample_z, check_segmenter, fingerprint, model_device,
-                                                 sample_latents, segment)
+                                                 sample_latents, segment, thread_safe)
 from gandissect_widgets.engine.readout import read_layer
 from gandissect_widgets.engine.results import Dissection
 from gandissect_widgets.engine.sidebyside import SideBySide
@@ -693,7 +694,7 @@ class _Run:
     def _keep_on_device(self, seg_cache):
         """Off the CPU, the run's segmentations stay on the device (while they fit
         ``Tuning.device_seg_bytes``); the file is written behind, by a thread of its own."""
-        if self.device.type == "cpu" or seg_cache.nbytes > self.tuning.device_seg_bytes:
+        if devices.on_host(self.device) or seg_cache.nbytes > self.tuning.device_seg_bytes:
             return None
         dtype = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}.get(seg_cache.dtype, torch.int32)
         return torch.zeros(seg_cache.shape, dtype=dtype, device=self.device)
@@ -832,7 +833,8 @@ class _Run:
                       f"counted, {self.segmented} segmented", file=sys.stderr, flush=True)
             bar = tqdm(total=len(pilot) + len(main), desc="dissect", disable=not self.progress, initial=done)
             try:
-                with SideBySide(self.device, self.lanes) as self.side, ThreadTraces(self.G, self.layers) as self.traces:
+                lanes = self.lanes if thread_safe(self.G) and thread_safe(self.S) else 1  # protocols: Threads
+                with SideBySide(self.device, lanes) as self.side, ThreadTraces(self.G, self.layers) as self.traces:
                     try:
                         if iqr:
                             self.iqr_pass()

@@ -9,6 +9,12 @@ Segmenter: ``S.labels`` (names, index 0 = unlabeled); ``S(images)`` gives an int
 (N,H,W), or (N,K,H,W) with several label channels (a pixel is concept c if any channel says c).
 Optional: ``S.probabilities(images)`` -> (N,len(labels),H,W) class probabilities, differentiable
 (the causal optimiser needs it); ``S.fingerprint`` (a string) identifies non-Module segmenters in caches.
+
+Threads: on a CPU a dissection calls the generator and the segmenter from two threads at once
+(``lanes=2``), so by default both must be safe to call concurrently: no state kept between or
+during calls (a torch module in eval mode is).  A model that holds per-call state (one
+MediaPipe graph, an ONNX session used unlocked, a buffer it fills) says ``thread_safe = False``
+(an attribute); ``thread_safe(model)`` reads it and the dissection then runs one batch at a time.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import json
 import torch
 
 __all__ = ["ProtocolError", "NonFiniteError", "check_generator", "check_segmenter", "check_images", "segment",
-           "sample_latents", "check_sample_z", "fingerprint", "model_device"]
+           "sample_latents", "check_sample_z", "fingerprint", "model_device", "thread_safe"]
 
 
 class ProtocolError(ValueError):
@@ -116,6 +122,15 @@ def check_sample_z(G, n: int, seed: int, z=None, k: int = 4):
         raise ProtocolError(f"{name}.sample_z({n}, {seed})[:{k}] differs from sample_z({k}, {seed}): the first k "
                             f"latents must be the same for any n >= k (draw them row by row from one seeded stream)")
     return z
+
+
+def thread_safe(model) -> bool:
+    """Whether ``model`` (a generator or a segmenter) may be called from two threads at once:
+    True unless it says ``thread_safe = False`` (see the module docstring)."""
+    flag = getattr(model, "thread_safe", True)
+    if not isinstance(flag, bool):
+        raise ProtocolError(f"{type(model).__name__}.thread_safe must be True or False, got {flag!r}")
+    return flag
 
 
 def model_device(m, default="cpu") -> torch.device:
