@@ -60,7 +60,10 @@ def _add_model_args(p, with_segmenter=True, default="sceneworld"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="GAN Dissection from the command line.")
+    parser = _Parser(prog=PROG, description="GAN Dissection from the command line.",
+                     epilog="exit status: 0 done; 2 an expected failure (bad input, a missing, damaged or untrusted "
+                            "file, no memory or disk space), said in one line; 130 interrupted; 1 a bug (with its "
+                            "traceback). GANDISSECT_DEBUG=1 shows tracebacks for expected failures too.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("dissect", help="dissect layers of a generator against a segmenter")
@@ -596,7 +599,8 @@ def cmd_report_checked(a):
         a.device = _device(a.device)
     _check_checkpoint_arg("--checkpoint", a.checkpoint)
     _check_checkpoint_arg("--segmenter-checkpoint", a.segmenter_checkpoint)
-    fill_models_from(a, a.dir)
+    if not a.no_pictures:
+        fill_models_from(a, a.dir)
     cmd_report(a)
 
 

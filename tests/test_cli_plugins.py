@@ -306,6 +306,7 @@ def test_code_inside_a_result_is_not_imported_on_its_word(workdir, tmp_path, mon
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "whose module mymod lies inside that result directory" in err
         assert "if you trust it, name it yourself (--generator mymod:make_generator)" in err
+    assert main(["report", str(res), "--no-pictures", *RUN]) == 0  # nothing to load, nothing refused
     from gandissect_widgets.report.html import build_report  # the Python API: a report without pictures
     page = open(build_report(res, device="cpu")).read()
     assert "id='no-pictures'" in page and "lies inside that result directory" in page

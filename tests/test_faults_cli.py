@@ -416,7 +416,11 @@ def test_no_traceback_from_a_subprocess(world, tmp_path):
 
 def test_help_exits_0(capsys):
     assert main(["dissect", "--help"]) == 0
-    assert "--trust-pickle" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--trust-pickle" in out and "--nonfinite {error,skip}" in out and "--lock-wait SECONDS" in out
+    assert "arrays-<hash>.npz" in out and "arrays.npz" not in out
+    assert main(["--help"]) == 0
+    assert "exit status: 0 done; 2 an expected failure" in " ".join(capsys.readouterr().out.split())
 
 
 def test_trust_pickle_reaches_the_loader(tmp_path, monkeypatch, capsys):
