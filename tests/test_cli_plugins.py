@@ -311,3 +311,16 @@ def test_code_inside_a_result_is_not_imported_on_its_word(workdir, tmp_path, mon
     page = open(build_report(res, device="cpu")).read()
     assert "id='no-pictures'" in page and "lies inside that result directory" in page
     assert not (res / "RAN").exists() and "mymod" not in sys.modules
+
+
+def test_the_python_api_takes_the_same_names(plugin, workdir):
+    """load_generator/load_segmenter resolve plug-ins and import paths through the same registry."""
+    from tiny import TinyGenerator
+    G = gw.load_generator("mymod:make_generator", checkpoint="weights.pt")
+    assert torch.equal(G.layer1.lin.weight, TinyGenerator(seed=3).layer1.lin.weight)
+    assert isinstance(gw.load_generator("tinygen"), TinyGenerator)
+    assert gw.list_generators()["tinygen"] == "entry point tinygen = gdplug:make_generator of package gdplug 0.1"
+    assert GENERATORS.origin("mymod:make_generator") == {"name": "mymod:make_generator", "from": "import path",
+                                                          "where": "import path mymod:make_generator"}
+    with pytest.raises(TypeError, match=r"does not take option\(s\) \['truncation'\]"):
+        gw.load_generator("mymod:make_generator", truncation=0.5)
