@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import gandissect_widgets as gw
+from gandissect_widgets.engine.counting import count_at
 from gandissect_widgets.engine.hooks import TraceDict
 from gandissect_widgets.engine.upsample import upsample, upsample_above, upsample_at, upsample_max, upsample_pixels
 from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram, dedupe_channels, pilot_edges
@@ -27,16 +28,14 @@ def brute_force(G, S, layers, n, seed):
 
 
 def exact_iou(up, seg, thresholds, C):
-    """IoU(u,c) = sum_z |M & S| / sum_z |M | S| with S_c = any channel == c."""
-    U = up.shape[1]
-    out = np.zeros((U, C))
-    for c in range(1, C):
-        S_c = (seg == c).any(1)  # (N,H,W)
-        for u in range(U):
-            M = up[:, u] > thresholds[u]
-            inter = (M & S_c).sum().item()
-            union = (M | S_c).sum().item()
-            out[u, c] = inter / union if union else 0.0
+    """IoU(u,c) = sum_z |M & S| / sum_z |M | S| with S_c = any channel == c, from the package's
+    readable dense definition (``engine.counting.count_at``, checked against loops over pixels in
+    test_engine_stages.py), which the fast path must equal."""
+    counts = count_at(up, seg, torch.as_tensor(thresholds), C)
+    inter = counts["intersection"].double()
+    union = (counts["mask_pixels"][:, None] + counts["concept_pixels"][None, :]).double() - inter
+    out = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros(()).double()).numpy()
+    out[:, 0] = 0.0
     return out
 
 

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gandissect_widgets.engine import devices
 from gandissect_widgets.engine.counting import candidate_add, dense_add, unit_chunks
 from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
 from gandissect_widgets.engine.io import atomic_write_bytes, cache_key
@@ -693,7 +694,7 @@ class _Run:
     def _keep_on_device(self, seg_cache):
         """Off the CPU, the run's segmentations stay on the device (while they fit
         ``Tuning.device_seg_bytes``); the file is written behind, by a thread of its own."""
-        if self.device.type == "cpu" or seg_cache.nbytes > self.tuning.device_seg_bytes:
+        if devices.on_host(self.device) or seg_cache.nbytes > self.tuning.device_seg_bytes:
             return None
         dtype = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}.get(seg_cache.dtype, torch.int32)
         return torch.zeros(seg_cache.shape, dtype=dtype, device=self.device)

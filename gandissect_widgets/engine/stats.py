@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from gandissect_widgets.engine import devices
+
 __all__ = ["RunningMoments", "RunningTopK", "TailHistogram", "LabelKeys", "label_keys", "pilot_edges",
            "grid_edges", "pilot_window", "dedupe_channels", "count_labels"]
 
@@ -211,7 +213,7 @@ def count_labels(seg: torch.Tensor, size: int) -> torch.Tensor:
     """(size,) int64 counts of the values of ``seg`` (all < size): ``bincount`` on a CPU, a
     fixed-size scatter elsewhere (``bincount`` sizes its output by the data: a host sync)."""
     flat = seg.reshape(-1)
-    if flat.device.type == "cpu":
+    if devices.on_host(flat.device):
         return torch.bincount(flat, minlength=size)[:size]
     out = torch.zeros(size, dtype=torch.long, device=flat.device)
     return out.index_add_(0, flat.long(), torch.ones(1, dtype=torch.long, device=flat.device).expand(flat.numel()))

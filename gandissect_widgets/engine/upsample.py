@@ -34,6 +34,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from gandissect_widgets.engine import devices
+
 __all__ = ["upsample", "upsample_above", "upsample_columns", "Columns", "upsample_max", "upsample_at",
            "upsample_pixels", "pool_mask", "CONVENTIONS", "check_convention", "source_bounds"]
 
@@ -98,7 +100,7 @@ def _selects(r) -> bool:
     """Whether ``_pick`` must select rather than multiply for maps computed from ``r``: off the
     CPU, where float32 products may round (``torch.set_float32_matmul_precision``), or where
     ``r`` holds inf or NaN (a product would spread it over the whole row)."""
-    return (r.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest"
+    return (not devices.on_host(r.device) or torch.get_float32_matmul_precision() != "highest"
             or not bool(torch.isfinite(r).all()))
 
 
