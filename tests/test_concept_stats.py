@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gandissect_widgets.engine.concept_stats import ConceptPixelCounts, _add_keys, count_samples
+from gandissect_widgets.engine.stats import dedupe_channels
 from tiny import TinyGenerator, TinySegmenter, run_dissect
 
 
@@ -30,6 +31,8 @@ def test_counts_match_brute_force(shape):
         seg[:3, 2] = seg[:3, 0]
     c = ConceptPixelCounts(4).update(seg)
     np.testing.assert_array_equal(c.counts.numpy(), brute(seg, 4))
+    same = ConceptPixelCounts(4).update(dedupe_channels(seg if seg.dim() == 4 else seg[:, None], 4), deduped=True)
+    assert torch.equal(same.counts, c.counts)  # as the dissection hands over its deduped labels
     assert int(c.n) == 7 and c.grid == (5, 6) and c.counts.dtype == torch.int64
     np.testing.assert_array_equal(c.area.numpy(), brute(seg, 4).sum((1, 2)))
     assert int(c.counts[0].sum()) == 0  # unlabeled is no concept

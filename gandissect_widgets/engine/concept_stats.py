@@ -49,9 +49,11 @@ class ConceptPixelCounts:
         # one row more for the void label of dedupe_channels (dropped on readout)
         self._counts = torch.zeros(self.concepts + 1, H, W, dtype=torch.long, device=self.device)
 
-    def update(self, seg: torch.Tensor):
+    def update(self, seg: torch.Tensor, deduped: bool = False):
         """Count a batch of label maps (N,H,W) or (N,K,H,W) (labels in 0..concepts-1, as
-        ``protocols.segment`` checks).  Runs on ``seg``'s device; the counts follow it there."""
+        ``protocols.segment`` checks).  Runs on ``seg``'s device; the counts follow it there.
+        ``deduped``: ``seg`` is already ``dedupe_channels(seg, concepts)`` (as the dissection's
+        counting has it: this saves doing it twice)."""
         if not torch.is_tensor(seg) or seg.dim() not in (3, 4) or seg.is_floating_point() or seg.dtype == torch.bool:
             raise ValueError(f"expected integer labels (N,H,W) or (N,K,H,W), got "
                              f"{getattr(seg, 'dtype', type(seg).__name__)} of shape {tuple(getattr(seg, 'shape', ()))}")
@@ -66,7 +68,7 @@ class ConceptPixelCounts:
             self.to(seg.device)
         if N == 0:
             return self
-        labels = dedupe_channels(seg.long(), self.concepts)  # void = concepts: each (pixel, concept) once
+        labels = seg.long() if deduped else dedupe_channels(seg.long(), self.concepts)  # void = concepts: each pair once
         keys = labels * (H * W) + torch.arange(H * W, device=seg.device).view(1, 1, H, W)
         _add_keys(self._counts.view(-1), keys.reshape(-1), scatter=seg.device.type != "cpu")
         self.n += N
