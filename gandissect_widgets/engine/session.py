@@ -331,7 +331,9 @@ class Session:
     def unit_gallery(self, layer: str, units: Sequence[int], k: int = 4) -> dict:
         """{unit: (images (k,H,W,3) uint8, masks (k,h,w) bool, maps (k,h,w))} over each unit's top-k
         dissection samples; masks at the dissection's threshold, maps upsampled as in the dissection.
-        One forward for all the samples involved."""
+        One forward for all the samples involved.  Each entry's ``labels`` (k,K,h,w) is the
+        segmenter's label map of its images (one segmenter call for the gallery, on first use),
+        so a concept's mask can be shown beside the unit's."""
         d = self._need_dissection()
         seed = int(d.settings.get("seed", 1))
         top = {int(u): [int(i) for i in d.topk(layer)[int(u)][:k]] for u in units}
@@ -345,12 +347,48 @@ class Session:
             hw = segment(self.segmenter, x[:1]).shape[-2:]
             r = self.activation(layer, idx, seed)
             imgs = to_uint8(x)
+            labels = _Once(lambda: self._labels_of(x))
             out = {}
             for u, samples in top.items():
                 rows = [pos[i] for i in samples]
                 up = upsample(r[rows, u:u + 1].float(), hw)[:, 0].cpu().numpy()
-                out[u] = (imgs[rows], up > thr[u], up)
+                out[u] = GalleryEntry(imgs[rows], up > thr[u], up, labels, rows)
         return out
+
+    def _labels_of(self, images: torch.Tensor) -> np.ndarray:
+        with self.lock:
+            return segment(self.segmenter, images).cpu().numpy()
+
+
+class _Once:
+    """A value computed on first use, once, from any thread."""
+
+    def __init__(self, fn):
+        self._fn, self._lock, self._done, self._value = fn, threading.Lock(), False, None
+
+    def __call__(self):
+        with self._lock:
+            if not self._done:
+                self._value, self._done = self._fn(), True
+            return self._value
+
+
+class GalleryEntry(tuple):
+    """``(images, masks, maps)`` of one unit's gallery, plus ``labels``: the segmenter's label maps
+    (k,K,h,w) of the images, computed for the whole gallery when first asked for."""
+
+    def __new__(cls, images, masks, maps, labels: _Once, rows):
+        entry = super().__new__(cls, (images, masks, maps))
+        entry._labels, entry._rows = labels, rows
+        return entry
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels()[self._rows]
+
+    def concept_mask(self, concept: int) -> np.ndarray:
+        """(k,h,w) bool: where the segmenter says ``concept`` (any label channel)."""
+        return (self.labels == int(concept)).any(1)
 
 
 def _same(a, b):

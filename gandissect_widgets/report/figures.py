@@ -37,10 +37,16 @@ class PngFigure(Figure):
 
 
 def save_figure(fig, path, formats=("png", "pdf"), dpi=150):
-    """Write ``fig`` as ``path.<fmt>`` for each format, atomically; returns the paths written."""
+    """Write ``fig`` as ``path.<fmt>`` for each format, atomically; returns the paths written.
+
+    A ``path`` ending in an image format matplotlib writes (``.png``, ``.svg``, ...) is written
+    in that format alone; any other dot is part of the name (``gallery_main.5`` ->
+    ``gallery_main.5.png`` and ``.pdf``)."""
     base, ext = os.path.splitext(os.fspath(path))
-    if ext.lstrip(".") in ("png", "pdf", "svg"):
-        formats = (ext.lstrip("."),)
+    if ext[1:].lower() in fig.canvas.get_supported_filetypes():
+        formats = (ext[1:].lower(),)
+    else:
+        base = os.fspath(path)
     out = []
     for fmt in formats:
         buf = io.BytesIO()
@@ -118,27 +124,59 @@ def context_figure(result, min_count: int = 5):
 
 
 def artifacts_figure(result, top: int = 20):
+    """Left: the top units' artifact scores with their bootstrap intervals; right: the distance of
+    ordinary samples after ablating the top-k units and k random units (intervals as error bars),
+    beside the unedited generator's and, when measured, a baseline generator's (bands)."""
     score = result.score
     order = result.ranking[:top]
-    fig = PngFigure(figsize=(9, 3.2))
+    fig = PngFigure(figsize=(9.5, 3.4))
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     ax = axes[0]
-    ax.bar(range(len(order)), score[order], color="tab:red")
+    ci = getattr(result, "score_ci", None)
+    yerr = None
+    if ci is not None and len(order):
+        lo, hi = ci[order, 0], ci[order, 1]
+        yerr = np.abs(np.stack([score[order] - lo, hi - score[order]]))
+    ax.bar(range(len(order)), score[order], color="tab:red", yerr=yerr, ecolor="0.3", capsize=2,
+           error_kw={"lw": 0.8})
+    ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([str(u) for u in order], rotation=90, fontsize=7)
     ax.set_ylabel("distance improvement")
     ax.set_xlabel("unit")
-    ax.set_title(f"Artifact scores at {result.layer}")
+    level = result.settings.get("level", 0.95) if result.settings else 0.95
+    ax.set_title(f"Artifact scores at {result.layer}" + (f" ({level:.0%} intervals)" if yerr is not None else ""))
     ax = axes[1]
     rem = result.removal
     if rem and rem.get("ks"):
-        ks = rem["ks"]
-        ax.axhline(rem["fd_original"], color="k", lw=1, label="original")
-        ax.plot(ks, rem["fd_top"], marker="o", color="tab:red", label="top artifact units")
-        m, s = np.array(rem["fd_random"]), np.array(rem["fd_random_std"])
-        ax.errorbar(ks, m, yerr=s, marker="o", color="gray", label="random units")
+        ks = np.array(rem["ks"])
+
+        def band(value, interval, color, label):
+            ax.axhline(value, color=color, lw=1, label=label)
+            if interval is not None and np.all(np.isfinite(interval)):
+                ax.axhspan(interval[0], interval[1], color=color, alpha=0.12, lw=0)
+
+        def points(values, intervals, color, label, shift):
+            values = np.asarray(values, dtype=float)
+            err = None
+            if intervals is not None:
+                iv = np.asarray(intervals, dtype=float)
+                err = np.abs(np.stack([values - iv[:, 0], iv[:, 1] - values]))
+            ax.errorbar(ks + shift, values, yerr=err, marker="o", ms=4, capsize=3, color=color, label=label)
+        band(rem["fd_original"], rem.get("fd_original_ci"), "k", "unedited")
+        if "fd_baseline" in rem:
+            band(rem["fd_baseline"], rem.get("fd_baseline_ci"), "tab:green", "baseline generator")
+        step = 0.02 * max(1, ks.max() - ks.min())
+        points(rem["fd_top"], rem.get("fd_top_ci"), "tab:red", "top artifact units", -step)
+        if "fd_random_ci" in rem:
+            points(rem["fd_random"], rem["fd_random_ci"], "gray", "random units", step)
+        else:
+            ax.errorbar(ks + step, rem["fd_random"], yerr=rem.get("fd_random_std"), marker="o", ms=4, capsize=3,
+                        color="gray", label="random units (± sd)")
+        ax.set_xticks(ks)
         ax.set_xlabel("units ablated")
         ax.set_ylabel("Fréchet distance")
+        ax.set_title(f"{rem.get('n_eval', '?')} fresh samples", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -289,22 +327,30 @@ def image_grid_figure(rows, row_labels=None, col_labels=None, title=None, cell: 
 
 
 def unit_gallery_figure(gallery: dict, dissection, layer: str, rows, title=None, dim: float = 0.35):
-    """Top-activating samples of units, darkened outside each unit's mask (its top-1% region).
+    """Top-activating samples of units, darkened outside each unit's mask (its top-1% region), and
+    under each unit the same samples darkened outside the segmenter's mask of the concept (outlined
+    in another colour), so that a reader sees how far the unit's region is the concept's.
 
-    gallery: ``Session.unit_gallery(layer, units, k)``; rows: [(concept, unit)] in display order,
-    each labelled with the unit's IoU for that concept."""
+    gallery: ``Session.unit_gallery(layer, units, k)`` (entries without ``labels`` show the unit
+    row alone); rows: [(concept, unit)] in display order, each labelled with the unit's IoU."""
     from gandissect_widgets.engine.imaging import overlay_mask
     iou = dissection.iou(layer)
     pics, labels = [], []
     for concept, unit in rows:
-        images, masks, _ = gallery[int(unit)]
-        pics.append(overlay_mask(images, masks, dim=dim))
+        entry = gallery[int(unit)]
+        images, masks, _ = entry
         c = dissection.concept_index(concept)
+        pics.append(overlay_mask(images, masks, dim=dim))
         labels.append(f"{concept}\n{layer} unit {int(unit)}\nIoU {iou[int(unit), c]:.3f}")
+        if hasattr(entry, "concept_mask"):
+            pics.append(overlay_mask(images, entry.concept_mask(c), dim=dim, color=CONCEPT_OUTLINE))
+            labels.append(f"segmenter's\n{concept}")
     k = max(len(p) for p in pics)
     return image_grid_figure(pics, labels, [f"top sample {i + 1}" for i in range(k)],
-                             title or f"Top units per concept at {layer}: top-activating samples, "
-                                      f"darkened outside the unit's top-1% mask")
+                             title or f"Top units at {layer}: unit's top-1% mask (yellow), concept's mask below (blue)")
+
+
+CONCEPT_OUTLINE = (0, 200, 255)  # the segmenter's concept masks; units' masks are outlined in yellow
 
 
 def compare_dissections_figure(dissections: dict, layers=None, min_iou: float = 0.04):
