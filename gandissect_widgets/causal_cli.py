@@ -93,7 +93,10 @@ def _ks(flag, ks, n):
 
 def cmd_ace(a):
     from gandissect_widgets import cli
-    from gandissect_widgets.engine.ace import measure_ace, removal_curve, unit_ace
+    import sys
+
+    from gandissect_widgets.engine.ace import (measure_ace, measure_ace_cost, removal_curve, removal_curve_cost,
+                                               unit_ace, unit_ace_cost)
     from gandissect_widgets.engine.interventions import InsertionValues
     from gandissect_widgets.report.figures import ace_ranking_figure, removal_curve_figure
     if a.units is not None and a.top is not None:
@@ -118,6 +121,13 @@ def cmd_ace(a):
     iou_rank = d.ranking(a.layer, a.concept)
     units = a.units if a.units else iou_rank[:a.top or 20].tolist()
     ins = InsertionValues(G, S)
+    if not a.quiet:  # what it will cost, before the wait
+        plan = ins.cost([a.layer]) + measure_ace_cost(G, a.layer, a.samples, a.batch_size) + removal_curve_cost(
+            G, a.layer, dict.fromkeys(["IoU", "ACE"][:1 + (a.unit_samples > 0)], iou_rank), ks, a.samples,
+            a.batch_size, a.random_draws)
+        if a.unit_samples > 0:
+            plan = plan + unit_ace_cost(G, a.layer, a.unit_samples, a.batch_size)
+        print(f"gandissect ace: planned {plan}", file=sys.stderr, flush=True)
     res = measure_ace(G, S, a.layer, units, a.concept, n_samples=a.samples, seed=a.seed, batch_size=a.batch_size,
                       insertion=ins, progress=not a.quiet)
     doc = {"ace": res.to_json()}

@@ -157,3 +157,18 @@ def test_contextual_insertion_equals_one_place_at_a_time(planted, locations, pat
     np.testing.assert_allclose(res.added_mean, mean, rtol=0, atol=1e-7)
     assert res.count.sum() == 6 * (100 if locations is None else 5)
     assert res.added_mean[S.labels.index("background")] > 0  # red drawn where there was none
+
+
+def test_cli_ace_tells_its_plan_before_starting(tmp_path, capsys):
+    from gandissect_widgets.cli import main
+    from gandissect_widgets.engine.interventions import Cost
+    assert main(["ace", "--generator", "planted", "--segmenter", "planted", "--layer", "layer1", "--device", "cpu",
+                 "--dissect-samples", "100", "--concept", "red", "--top", "2", "--samples", "16",
+                 "--unit-samples", "8", "--ks", "1", "2", "--random-draws", "2", "--out", str(tmp_path / "ace")]) == 0
+    err = capsys.readouterr().err
+    G = gw.load_generator("planted")
+    # defaults: batches of 16; insertion values over 200 samples in batches of 32
+    want = Cost(7, 0, 7, 200) + measure_ace_cost(G, "layer1", 16, 16) + unit_ace_cost(G, "layer1", 8, 16) \
+        + removal_curve_cost(G, "layer1", {"IoU": list(range(16)), "ACE": list(range(16))}, (1, 2), 16, 16, 2)
+    assert f"gandissect ace: planned {want}\n" in err
+    assert err.index("planned") < err.index("ace layer1")  # told before the first bar
