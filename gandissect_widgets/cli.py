@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonfinite", choices=("error", "skip"), default="error",
                    help="NaN or infinite images or activations: 'error' (default) stops with a one-line error; "
                         "'skip' leaves them out of the counts and records what was left out")
+    p.add_argument("--threshold", choices=("quantile", "iqr"), default="quantile",
+                   help="threshold rule: 'quantile' (default: the --quantile of each unit) or 'iqr' (the ICLR paper's "
+                        "per-unit IQR rule, chosen on a separate threshold set of seed 2)")
+    p.add_argument("--method", choices=("auto", "dense", "tail"), default="auto",
+                   help="counting backend: 'tail' (the CPU path), 'dense' (whole maps: the GPU path) or 'auto' "
+                        "(default: tail on a CPU, dense on a GPU); the counts are the same")
+    p.add_argument("--upsample", choices=("iclr", "pnas"), default="iclr",
+                   help="upsampling convention of the published code: 'iclr' (default: half-pixel bilinear, edges "
+                        "clamped) or 'pnas' (zeros outside the map)")
     p.add_argument("--lock-wait", type=float, default=None, metavar="SECONDS",
                    help="when another process works on the same dissection in the cache: wait at most SECONDS "
                         "for it (0: not at all) and then give up (default: wait, then load its result)")
@@ -499,7 +508,8 @@ def cmd_dissect(a):
             d = dissect(G, S, a.layers, n_samples=a.samples, seed=a.seed, quantile=a.quantile,
                         batch_size=a.batch_size, device=device, cache_dir=cache, topk=a.topk, progress=not a.quiet,
                         lanes=a.lanes, generator_name=a.generator, segmenter_name=a.segmenter,
-                        nonfinite=a.nonfinite, lock_wait=a.lock_wait)
+                        nonfinite=a.nonfinite, lock_wait=a.lock_wait, threshold=a.threshold, method=a.method,
+                        upsample=a.upsample)
         except NonFiniteError as e:
             raise UserError(f"{e}; on the command line: --nonfinite skip") from e
         except CacheBusyError as e:
