@@ -114,10 +114,15 @@ def test_bad_counts_are_refused():
 
 # -- in the result ------------------------------------------------------------------------------------
 
+def without_positions(d):
+    """The same result as one saved before concept positions were counted."""
+    return Dissection(d.labels, {l: {k: d.array(l, k) for k in results._ARRAYS} for l in d.layers}, d.settings)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     G, S = TinyGenerator(), TinySegmenter(channels=2)
-    d = run_dissect(G, S, layers=["layer1", "layer2"])
+    d = without_positions(run_dissect(G, S, layers=["layer1", "layer2"]))
     return G, S, d, d.with_concept_positions(count_samples(G, S, 40, seed=1, batch_size=8))
 
 
@@ -194,17 +199,18 @@ def test_counts_of_other_samples_are_refused(tiny):
         plain.with_concept_positions(ConceptPixelCounts(4).update(__import__("torch").zeros(1, 16, 16, dtype=__import__("torch").long)))
 
 
-def planted_dissection(tmp_path=None):
+@pytest.fixture(scope="module")
+def planted():
     """The planted world: each concept in one random cell of a 10x10 grid (1% of the pixels) per image."""
     G, S = gw.load_generator("planted"), gw.load_segmenter("planted")
-    d = gw.dissect(G, S, ["layer1"], n_samples=200, progress=False)
+    d = without_positions(gw.dissect(G, S, ["layer1"], n_samples=200, progress=False))
     return G, S, d.with_concept_positions(count_samples(G, S, 200, seed=1))
 
 
-def test_planted_units_beat_the_baseline_and_the_warning_names_low_ceilings():
+def test_planted_units_beat_the_baseline_and_the_warning_names_low_ceilings(planted):
     """Planted units know where their concept is: IoU ~1 against a low position-only baseline; the
     background covers 96% of the image: its ceiling at the top 1% is about 0.010 and the warning says so."""
-    _, S, d = planted_dissection()
+    _, S, d = planted
     ious, base, labels = d.unit_ious("layer1"), d.unit_baselines("layer1"), d.unit_labels("layer1")
     for u, name in enumerate(["red", "green", "blue", "yellow"]):  # unit j is concept j
         assert labels[u] == name and ious[u] > 0.9 and base[u] < 0.05
@@ -224,9 +230,9 @@ def test_planted_units_beat_the_baseline_and_the_warning_names_low_ceilings():
 
 # -- in the unit browser and the report --------------------------------------------------------------
 
-def test_unit_browser_detail_shows_iou_beside_baseline_and_ceiling():
+def test_unit_browser_detail_shows_iou_beside_baseline_and_ceiling(planted):
     from gandissect_widgets.widgets import UnitBrowser
-    G, S, d = planted_dissection()
+    G, S, d = planted
     s = gw.Session(G, S, dissection=d, samples=range(4))
     b = UnitBrowser(s, per_page=4)
     assert b.wait()
@@ -235,16 +241,15 @@ def test_unit_browser_detail_shows_iou_beside_baseline_and_ceiling():
     base, ceil = d.unit_baselines("layer1")[2], d.unit_ceilings("layer1")[2]
     want = f"IoU {d.unit_ious('layer1')[2]:.3f} (position-only baseline {base:.3f}, ceiling {ceil:.3f})"
     assert "unit 2</b>: blue" in b.detail_title.value and want in b.detail_title.value
-    plain = Dissection(d.labels, {l: {k: d.array(l, k) for k in results._ARRAYS} for l in d.layers}, d.settings)
-    s.set_dissection(plain)  # a result without position counts says so
+    s.set_dissection(without_positions(d))  # a result without position counts says so
     b.click(3)
     assert b.wait() and "(no position-only baseline, ceiling " in b.detail_title.value
 
 
-def test_report_shows_baselines_ceilings_and_the_warning(tmp_path):
+def test_report_shows_baselines_ceilings_and_the_warning(planted, tmp_path):
     import html as H
     from gandissect_widgets.report.html import build_report
-    _, _, d = planted_dissection()
+    _, _, d = planted
     d.save(tmp_path / "r")
     page = open(build_report(tmp_path / "r", pictures=False)).read()
     section = page.split("id='layer-layer1'", 1)[1]
@@ -261,7 +266,6 @@ def test_report_shows_baselines_ceilings_and_the_warning(tmp_path):
                 f"</td><td>{d.concept_ceiling('layer1')[c]:.3f}</td><td>{d.concept_baseline('layer1')[c]:.3f}</td>"
                 in concepts)
     # an older result: ceilings, and no baseline, said once
-    plain = Dissection(d.labels, {l: {k: d.array(l, k) for k in results._ARRAYS} for l in d.layers}, d.settings)
-    plain.save(tmp_path / "old")
+    without_positions(d).save(tmp_path / "old")
     page = open(build_report(tmp_path / "old", pictures=False)).read()
     assert "id='no-baseline'" in page and "no position-only baseline, ceiling" in page and "id='low-ceiling'" in page
