@@ -299,7 +299,8 @@ class Registry:
 
     def load(self, name: str, /, **options):  # positional-only: a family may take a name= option
         entry = self._entry(name)
-        with _cwd_on_path():  # a factory may import its neighbours when called
+        here = _cwd_on_path() if entry.origin == "import path" else contextlib.nullcontext()
+        with here:  # an import path's factory may import its neighbours when called
             fn = entry.resolve(self.kind)
             known = self.options(name)
             if known is not None:
