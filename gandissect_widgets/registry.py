@@ -112,7 +112,7 @@ def refuse_code_inside(spec, directory, what: str = "model"):
         return
     found = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()] + [p or os.getcwd() for p in sys.path])
     where = getattr(found, "origin", None) or next(iter(getattr(found, "submodule_search_locations", None) or []), None)
-    if where and os.path.abspath(where).startswith(os.path.join(os.path.abspath(directory), "")):
+    if where and os.path.realpath(where).startswith(os.path.join(os.path.realpath(directory), "")):
         raise PluginError(f"{directory}/dissect.json names the {what} {spec!r}, whose module {top} lies inside that "
                           f"result directory ({where}): code that comes with a result is not imported on its word; "
                           f"if you trust it, name it yourself (--{what} {spec})")
