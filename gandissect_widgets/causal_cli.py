@@ -213,9 +213,9 @@ def cmd_context(a):
 def load_reference(spec, n, generator_name):
     """Reference images for the Fréchet distance: a folder of images, a .pt tensor, or the world's renders."""
     if spec is None:
-        if generator_name != "sceneworld":
+        if generator_name not in ("sceneworld", "sceneworld-artifacts"):
             raise ValueError("give --reference (a folder of real images or a .pt tensor (N,3,H,W) in [-1,1]); "
-                             "only the sceneworld generator has a default reference (its renders)")
+                             "only the sceneworld generators have a default reference (its renders)")
         from gandissect_widgets.world.render import render, to_tensor
         return to_tensor(render(n, seed=12345)[0])
     if os.path.isdir(spec):
@@ -246,23 +246,30 @@ def cmd_artifacts(a):
     if a.reference is not None and not os.path.exists(a.reference):
         raise cli.UserError(f"--reference {a.reference} does not exist; give a folder of real images or a .pt "
                             "tensor (N,3,H,W) in [-1,1]")
-    cli._device(a.device)
+    if a.inception_weights is not None and a.features != "inception":
+        raise cli.UserError("--inception-weights goes with --features inception (the default feature space is the "
+                            "segmenter's); add --features inception, or leave --inception-weights out")
+    device = cli._device(a.device)
     cli._check_out_dir(a.out)
+    feature_fn = None
+    if a.features == "inception":
+        from gandissect_widgets.engine.frechet import inception_features
+        feature_fn = inception_features(a.inception_weights, device=device)
     ref = load_reference(a.reference, a.reference_samples, a.generator)  # before any model is loaded
     G, S, device, _, probe = _setup(a, concept=False, dissects=False)
-    if not any(callable(getattr(S, f, None)) for f in ("features", "probabilities")):
+    if feature_fn is None and not any(callable(getattr(S, f, None)) for f in ("features", "probabilities")):
         raise cli.UserError(f"artifacts measures Fréchet distances in the segmenter's feature space, and segmenter "
                             f"{a.segmenter!r} has neither features() nor probabilities(); give a segmenter that has "
                             f"one of them (sceneworld, planted, upernet, ...)")
     _ks("--ks", a.ks, probe["layers"][a.layer][0])
     for flag, n in (("--samples", a.samples), ("--eval-samples", a.eval_samples)):
         cli._check_samples(flag, n, probe)
+    base_name = a.baseline or ("sceneworld" if a.generator == "sceneworld-artifacts" else "none")
+    baseline = None if base_name == "none" else cli._load("generator", base_name, None, device).to(device).eval()
     ref = ref.to(device)
     res = artifact_scores(G, S, a.layer, ref, n_samples=a.samples, seed=a.seed, top=top, ks=a.ks,
-                          n_eval=a.eval_samples, batch_size=a.batch_size, progress=not a.quiet)
-    _write(a, "artifacts", res.to_json(), {"artifacts": artifacts_figure(res)})
-    rem = res.removal
-    print(f"top artifact units of {a.layer}: {res.ranking[:10].tolist()}")
-    for k, top, rnd, sd in zip(rem.get("ks", []), rem.get("fd_top", []), rem.get("fd_random", []),
-                               rem.get("fd_random_std", [])):
-        print(f"  ablate {k:>3}: distance {rem['fd_original']:.4f} -> {top:.4f} (random units: {rnd:.4f} ± {sd:.4f})")
+                          n_eval=a.eval_samples, batch_size=a.batch_size, progress=not a.quiet,
+                          feature_fn=feature_fn, baseline=baseline)
+    doc = dict(res.to_json(), baseline=None if baseline is None else base_name)
+    _write(a, "artifacts", doc, {"artifacts": artifacts_figure(res)})
+    print("\n".join(res.summary()))

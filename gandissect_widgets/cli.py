@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="multiple of the units' insertion values")
     p.add_argument("--seed", type=int, default=5)
 
-    p = causal("artifacts", "rank units by how much ablating them improves sample quality")
+    p = causal("artifacts", "rank units by how much ablating them improves sample quality (default generator: "
+                            "sceneworld-artifacts, SceneWorld with planted artifact units)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--top-samples", type=int, default=None,
                    help="top-activating samples per unit (default 100, or --samples if fewer)")
@@ -157,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "default for sceneworld: its renders")
     p.add_argument("--reference-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=6)
+    p.add_argument("--features", choices=("segmenter", "inception"), default="segmenter",
+                   help="feature space of the Fréchet distance: the segmenter's (default) or Inception-v3's (FID; "
+                        "needs --inception-weights)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local Inception weights: the TorchScript inception-2015-12-05.pt (StyleGAN2-ADA, clean-fid), "
+                        "or torch-fidelity's .pth with torch-fidelity installed; nothing is downloaded")
+    p.add_argument("--baseline", default=None,
+                   help="a generator to compare the distances with (default: sceneworld for sceneworld-artifacts, "
+                        "else none; 'none': none)")
 
     from gandissect_widgets.report.html import add_parser as add_report_parser
     add_report_parser(sub)
@@ -740,6 +750,8 @@ def main(argv=None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "artifacts" and args.generator is None and not args.dissection:
+            args.generator = "sceneworld-artifacts"  # the GAN whose artifact units are known
         if args.command in ("ace", "optimize", "context", "artifacts"):
             fill_models_from(args, args.dissection if args.dissection and os.path.isdir(args.dissection) else None)
         commands[args.command](args)
