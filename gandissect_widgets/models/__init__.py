@@ -7,6 +7,10 @@ if "planted" not in GENERATORS:
 if "sceneworld" not in GENERATORS:
     GENERATORS.register("sceneworld", "gandissect_widgets.world.gan:load_generator",
                         "the embedded default: a 64x64 outdoor-scene GAN trained on SceneWorld renders")
+if "sceneworld-artifacts" not in GENERATORS:
+    GENERATORS.register("sceneworld-artifacts", "gandissect_widgets.world.plant_artifacts:load_artifact_generator",
+                        "sceneworld with artifact units planted in layer4 (its segmenter: sceneworld); "
+                        "ground truth for `gandissect artifacts`")
 _REAL = [
     ("progan", "gandissect_widgets.models.progan:load_progan",
      "ProGAN in the GAN Dissection layout: checkpoint=PATH, or name= bedroom, churchoutdoor, conferenceroom, "
