@@ -12,15 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from gandissect_widgets.engine.ace import check_units
 from gandissect_widgets.engine.hooks import Edit, can_run_from, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, concept_index, layer_activation,
                                                      render)
+from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents, segment
 
 __all__ = ["ContextResult", "contextual_insertion"]
+
+_PER_PASS = 64  # insertions rendered together
 
 
 @dataclass
@@ -61,6 +63,7 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
     patch: the side, in layer cells, of the square set at each place (1: a single cell); the
         context is the label at its centre.  strength: the units are set to ``strength`` times
         their insertion values (small GANs may need 2-4, and a patch, to draw an object).
+    progress: see ``engine.progress`` (a step per pass of 64 insertions).
     """
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
@@ -88,29 +91,35 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
     L = len(S.labels)
     uidx = torch.from_numpy(units).to(dev)
     labels, added = [], []  # per insertion, in order: the context label, the concept fraction added
-    for i in tqdm(range(0, n_samples, batch_size), disable=not progress, desc=f"context {layer}"):
-        zb = z[i:i + batch_size].to(dev)
-        r = layer_activation(G, zb, layer)
-        B = r.shape[0]
-        seg0 = segment(S, render(G, zb, [], activation=r, layer=layer))
-        H, W = seg0.shape[-2:]
-        base = (seg0 == c).any(1).float().mean((1, 2))  # (B,)
-        if locations is None:
-            places = [np.arange(gh * gw)] * B
-        else:
-            places = [rng.choice(gh * gw, min(locations, gh * gw), replace=False) for _ in range(B)]
-        b = np.repeat(np.arange(B), [len(p) for p in places])
-        pos = np.concatenate(places).astype(np.int64)
-        y, x = pos // gw, pos % gw
-        cy = np.minimum(H - 1, ((y + patch / 2) * H / h).astype(np.int64))  # the centre of each place
-        cx = np.minimum(W - 1, ((x + patch / 2) * W / w).astype(np.int64))
-        labels.append(seg0[torch.from_numpy(b).to(dev), 0, torch.from_numpy(cy).to(dev),
-                           torch.from_numpy(cx).to(dev)].cpu().numpy())
-        for j0 in range(0, len(b), 64):
-            bidx = torch.from_numpy(b[j0:j0 + 64]).to(dev)
-            edit = Edit(layer, uidx, values, _patch_masks(y[j0:j0 + 64], x[j0:j0 + 64], patch, (h, w), r))
-            seg1 = segment(S, render(G, None, [edit], activation=r[bidx], layer=layer))
-            added.append(((seg1 == c).any(1).float().mean((1, 2)) - base[bidx]).cpu().numpy())
+    per = gh * gw if locations is None else min(locations, gh * gw)  # places per sample
+    batches = range(0, n_samples, batch_size)
+    passes = sum(-(-min(batch_size, n_samples - i) * per // _PER_PASS) for i in batches)
+    with Steps(progress, passes, f"context {layer}") as steps:
+        for i in batches:
+            zb = z[i:i + batch_size].to(dev)
+            r = layer_activation(G, zb, layer)
+            B = r.shape[0]
+            seg0 = segment(S, render(G, zb, [], activation=r, layer=layer))
+            H, W = seg0.shape[-2:]
+            base = (seg0 == c).any(1).float().mean((1, 2))  # (B,)
+            if locations is None:
+                places = [np.arange(gh * gw)] * B
+            else:
+                places = [rng.choice(gh * gw, per, replace=False) for _ in range(B)]
+            b = np.repeat(np.arange(B), [len(p) for p in places])
+            pos = np.concatenate(places).astype(np.int64)
+            y, x = pos // gw, pos % gw
+            cy = np.minimum(H - 1, ((y + patch / 2) * H / h).astype(np.int64))  # the centre of each place
+            cx = np.minimum(W - 1, ((x + patch / 2) * W / w).astype(np.int64))
+            labels.append(seg0[torch.from_numpy(b).to(dev), 0, torch.from_numpy(cy).to(dev),
+                               torch.from_numpy(cx).to(dev)].cpu().numpy())
+            for j0 in range(0, len(b), _PER_PASS):
+                j1 = j0 + _PER_PASS
+                bidx = torch.from_numpy(b[j0:j1]).to(dev)
+                edit = Edit(layer, uidx, values, _patch_masks(y[j0:j1], x[j0:j1], patch, (h, w), r))
+                seg1 = segment(S, render(G, None, [edit], activation=r[bidx], layer=layer))
+                added.append(((seg1 == c).any(1).float().mean((1, 2)) - base[bidx]).cpu().numpy())
+                steps.update()
     labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     added = np.concatenate(added) if added else np.zeros(0, np.float32)
     count = np.bincount(labels, minlength=L).astype(np.float64)
