@@ -151,7 +151,7 @@ def test_contextual_insertion_equals_one_place_at_a_time(planted, locations, pat
     values = torch.tensor([2.0, 1.5])
     steps = []
     res = contextual_insertion(G, S, "layer1", "red", [0, 5], n_samples=6, seed=3, locations=locations, patch=patch,
-                               batch_size=4, values=values, progress=lambda done, total, desc: steps.append((done, total)))
+                               batch_size=4, values=values, progress=lambda done, total, _: steps.append((done, total)))
     passes = 7 + 4 if locations is None else 1 + 1  # batches of 4 and 2 samples, 64 insertions a pass
     assert steps == [(i, passes) for i in range(passes + 1)]
     count, s1, s2 = context_reference(G, S, "layer1", S.labels.index("red"), [0, 5], values, 6, 3, locations, patch, 4)

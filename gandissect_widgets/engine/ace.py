@@ -314,5 +314,6 @@ def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20
     draws = [[ratio[(f"random{d}", k)] for k in ks] for d in range(random_draws)]
     arr = np.array(draws) if draws else np.zeros((0, len(ks)))
     return {"layer": layer, "concept": S.labels[c], "ks": ks, "curves": curves,
-            "random_mean": arr.mean(0).tolist() if len(arr) else [], "random_std": arr.std(0).tolist() if len(arr) else [],
+            "random_mean": arr.mean(0).tolist() if len(arr) else [],
+            "random_std": arr.std(0).tolist() if len(arr) else [],
             "random_draws": draws, "original_presence": orig / n_samples, "n_samples": n_samples}
