@@ -165,8 +165,10 @@ def test_cli_dissect_and_layers(tmp_path, capsys):
     doc = json.load(open(out / "dissect.json"))
     assert [l["layer"] for l in doc["layers"]] == ["layer1", "layer2"]
     units = doc["layers"][0]["units"]
-    assert set(units[0]) == {"unit", "label", "iou", "threshold", "interpretable"}
+    assert set(units[0]) == {"unit", "label", "iou", "threshold", "interpretable", "position_baseline"}
     assert units[0]["label"] == "red" and units[0]["interpretable"] and units[0]["iou"] > 0.9
+    # the planted concepts sit in a random cell: no fixed mask comes near the unit (engine.baselines)
+    assert 0 <= units[0]["position_baseline"] < 0.1
     assert doc["layers"][0]["top_units"]["green"][0]["unit"] == 1
     assert (out / doc["arrays"]["file"]).exists()
     d = gw.Dissection.load(out)

@@ -357,3 +357,35 @@ def test_dense_path_raises_non_finite_values_after_the_pass(tmp_path):
     assert f"for samples {first}..{first + 7}: images" in msg and "\n" not in msg
     # the counts that took the NaN in were not kept for a resume
     assert not list(tmp_path.rglob("checkpoint.pt"))
+
+
+# -- the position baseline's counts ----------------------------------------------------------------
+def test_concept_positions_are_counted_once_per_sample_and_resume(tmp_path, monkeypatch):
+    """The sampling stage counts where each concept sits (engine.concept_stats) over the samples the
+    dissection counted, each once; a resumed run ends with the same counts."""
+    from gandissect_widgets.engine import dissection as D
+    G, S = TinyGenerator(), TinySegmenter(half=True, channels=2)
+    # (the pilot ends inside a batch of the main pass, which segments those samples again)
+    kw = dict(n_samples=48, batch_size=8, pilot_samples=12, progress=False, checkpoint_every=0)
+    clean = gw.dissect(G, S, ["layer2"], **kw)
+    _, seg = maps_and_labels(G, S, ["layer2"], 48, 1)
+    counts, samples = clean.concept_positions
+    np.testing.assert_array_equal(counts, concept_masks(seg, len(S.labels)).sum(0).numpy())
+    assert samples == 48 and clean.has_position_baseline
+    np.testing.assert_array_equal(counts.sum((1, 2))[1:], clean.array("layer2", "concept_pixels")[1:])
+    real, calls = D._Run.save_checkpoint, [0]
+
+    def interrupted(self):
+        real(self)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D._Run, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gw.dissect(G, S, ["layer2"], cache_dir=tmp_path, **kw)
+    monkeypatch.undo()
+    assert list(tmp_path.rglob("checkpoint.pt"))
+    resumed = gw.dissect(G, S, ["layer2"], cache_dir=tmp_path, **kw)
+    np.testing.assert_array_equal(resumed.concept_positions[0], counts)
+    assert resumed.concept_positions[1] == 48

@@ -60,6 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gandissect_widgets.engine import devices
+from gandissect_widgets.engine.concept_stats import ConceptPixelCounts
 from gandissect_widgets.engine.counting import candidate_add, dense_add, unit_chunks
 from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
 from gandissect_widgets.engine.io import atomic_write_bytes, cache_key
@@ -398,7 +399,7 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
         out = dict(settings)
         if nonfinite == "skip":
             out["nonfinite_skipped"] = run.skipped_summary()
-        return Dissection(labels, arrays, out)
+        return Dissection(labels, arrays, out, concept_positions=run.positions)
 
     if cache_dir is None:
         work_dir = tempfile.mkdtemp(prefix="gandissect-")
@@ -539,6 +540,8 @@ class _Run:
         self.seg_cache = None
         self.seg_dev = None  # the segmentations on the device (off the CPU, while they fit)
         self._writer, self._writes = None, []
+        # where each concept sits over the samples segmented so far (the position baseline's counts)
+        self.positions = ConceptPixelCounts(self.C, device=device)
         self.seg_grid = None
         # samples left out whole (non-finite images, nonfinite="skip"), known up to self.segmented
         self.skip = np.zeros(self.n, dtype=bool) if self.skip_nonfinite else None
@@ -754,6 +757,12 @@ class _Run:
                 self._write_behind(i0, i1)
             else:
                 self.seg_cache[i0:i1] = seg.cpu().numpy().astype(self.seg_cache.dtype)
+            if self.positions is not None and i1 > self.segmented:  # each sample once (a batch may overlap the
+                new = max(i0, self.segmented) - i0                        # pilot's last), not those left out
+                part = seg[new:]
+                if bad_images is not None:
+                    part = part[torch.from_numpy(~bad_images[new:]).to(seg.device)]
+                self.positions.update(part)
             if self.skip is not None:
                 self.skip[i0:i1] = bad_images if bad_images is not None else False
             self.segmented = max(self.segmented, i1)
@@ -775,6 +784,7 @@ class _Run:
                 "stats": {name: s.state_dict() for name, s in self.stats.items()},
                 "iqr": {name: {k: v.cpu() for k, v in c._asdict().items()} for name, c in self.iqr.items()}
                 if self.iqr is not None else None,
+                "positions": self.positions.state_dict() if self.positions is not None else None,
                 "skip": torch.from_numpy(self.skip.copy()) if self.skip is not None else None}, buf)
             data = buf.getvalue()
             try:
@@ -812,6 +822,9 @@ class _Run:
         if ck["edges"] is not None:
             self.edges = {k: v.to(self.device) for k, v in ck["edges"].items()}
         self.stats = {name: _LayerStats.from_state_dict(sd, self.device) for name, sd in ck["stats"].items()}
+        # a checkpoint without them (an older version's) resumes without the position counts
+        self.positions = (ConceptPixelCounts.from_state_dict(ck["positions"], self.device)
+                          if ck.get("positions") is not None else None)
         if ck.get("iqr") is not None:
             self.iqr = {name: IqrChoice(**{k: v.to(self.device) for k, v in c.items()}) for name, c in ck["iqr"].items()}
         if self.skip is not None and ck.get("skip") is not None:
