@@ -113,3 +113,13 @@ def test_areas_equal_the_dissections_concept_pixels(channels):
     np.testing.assert_array_equal(c.area.numpy()[1:], want[1:])
     H, W = c.grid
     assert int(d.array("layer1", "n_pixels")) == 40 * H * W
+
+
+def test_dissect_counts_them_as_a_recount_does():
+    """The result of dissect() carries the counts: those of its own samples, as count_samples finds them."""
+    G, S = TinyGenerator(), TinySegmenter(channels=2)
+    d = run_dissect(G, S)
+    assert d.has_position_baseline
+    counts, n = d.concept_positions
+    again = count_samples(G, S, 40, seed=1, batch_size=8)
+    assert n == 40 and np.array_equal(counts, again.counts.numpy())
