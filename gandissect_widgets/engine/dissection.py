@@ -1,29 +1,40 @@
 """``dissect()``: per-unit thresholds and dataset-level IoU for several layers in one pass.
 
+A dissection is a pipeline of stages with one contract each (DESIGN §2):
+- sampling (``_Run.compute``): latents, images and segmentations, each sample once; labels cached
+  for the run (a file on a CPU; device memory on a GPU, written to the file behind);
+- a threshold rule (``engine.thresholds``): ``quantile`` places per-unit histogram edges around the
+  quantile from a pilot, ``iqr`` chooses one level per unit on its own threshold set;
+- a counting backend: ``tail`` (here: only the interpolation columns that can reach the histogram,
+  ``upsample.upsample_columns``, the CPU path) or ``dense`` (``engine.counting``: whole upsampled
+  maps, the GPU path and the readable reference), both into the same ``stats.TailHistogram``;
+- the readout (``engine.readout``): thresholds, exact IoU, moments and top-k as the result's arrays.
+Every pass runs through one loop (``_Run.sweep``); the knobs are ``engine.tuning.Tuning``.
+
 How the passes go (n samples, batches of b, layers L1..Lm):
 1. Probe: one latent through the generator, to check shapes and find which requested layer runs last.
-2. Pilot: the first ``pilot_samples`` samples run through the generator and the segmenter; each
-   unit's upsampled activations at ``pilot_pixels`` pixels per sample (one random pixel in each
-   block of a grid) place that unit's histogram edges around the target quantile, in a window as
-   wide as the pilot's own error needs (``stats.pilot_window``: narrow when the pilot saw every
-   sample).  Their segmentations are cached (on disk, ``uint8``/``int16``), never redone; their
-   activations are kept (up to ``Tuning.pilot_cache_bytes``) for the main pass.
+2. Pilot (quantile rule): the first ``pilot_samples`` samples run through the generator and the
+   segmenter; each unit's upsampled activations at ``pilot_pixels`` pixels per sample (one random
+   pixel in each block of a grid) place that unit's histogram edges around the target quantile, in
+   a window as wide as the pilot's own error needs (``stats.pilot_window``: narrow when the pilot
+   saw every sample).  Their segmentations are cached, never redone; their activations are kept
+   (up to ``Tuning.pilot_cache_bytes``) for the main pass.  The IQR rule instead runs its threshold
+   set (seed 2) twice, for its candidates and their counts, and gives each unit one edge.
 3. Main pass: every sample once through the generator (cut short after the last requested layer
    where its segmentation is already cached) and the segmenter, or from the pilot's activations;
-   all layers accumulate moments, top-k and a tail histogram joint with the labels
-   (``engine.stats``), reading only the interpolation columns that can reach the histogram
-   (``upsample.upsample_columns``).  On a CPU the layers run side by side on its cores, and
+   all layers accumulate moments, top-k and the histogram joint with the labels (``engine.stats``)
+   by the counting backend.  On a CPU the layers run side by side on its cores, and
    ``lanes`` batches go through the models at once, ahead of the statistics, which are still
    counted batch by batch in order (``engine.sidebyside``).  A checkpoint is written every
    ``checkpoint_every`` seconds and when an exception leaves the statistics whole.
 4. Read-out: each unit's threshold is the histogram edge whose fraction of pixels above is nearest
-   to ``1 - quantile``; its IoU with every concept is exact at that threshold.  Units whose edge
-   misses the target rank by more than ``rank_tolerance`` (a pilot that was not representative)
-   get new edges inside the bin that holds the target, and their layers are replayed from the
-   kept activations, or from the cached latents and segmentations (generator only), until they
-   meet it.
+   to ``1 - quantile`` (the IQR rule's one edge); its IoU with every concept is exact at that
+   threshold.  Under the quantile rule, units whose edge misses the target rank by more than
+   ``rank_tolerance`` (a pilot that was not representative) get new edges inside the bin that
+   holds the target, and their layers are replayed from the kept activations, or from the cached
+   latents and segmentations (generator only), until they meet it.
 
-The work directory (``cache_dir/dissect-<key>/work``) holds the segmentation cache
+The work directory (``cache_dir/dissect-<key>/work``, ``engine.workdir``) holds the segmentation cache
 (``segmentation.npy``, its disk space reserved whole before it is mapped: a full disk is a
 ``CacheSpaceError`` at the start, never a SIGBUS halfway), the checkpoint and a lock file
 (``lock``, ``fcntl.flock``): one process at a time works on a key, another waits for it and loads
@@ -36,24 +47,16 @@ for bit where an uninterrupted one does.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: no locking there
-    fcntl = None
 
 import numpy as np
 import torch
@@ -76,6 +79,8 @@ from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHi
 from gandissect_widgets.engine.thresholds import (IqrChoice, IqrRule, QuantileRule, candidate_levels, choose_levels,
                                                   iqr_scores, threshold_rule)
 from gandissect_widgets.engine.tuning import Tuning
+from gandissect_widgets.engine.workdir import (SPACE_ERRNOS, CacheBusyError, CacheSpaceError, InterruptGuard,
+                                               WorkDirError, WorkLock, remove_work, reserve, space_error)
 from gandissect_widgets.engine.upsample import (check_convention, source_bounds, upsample, upsample_columns,
                                                 upsample_max, upsample_pixels)
 
@@ -87,208 +92,7 @@ __all__ = ["dissect", "ENGINE_VERSION", "WorkDirError", "CacheSpaceError", "Cach
 # sized per unit from the pilot's own error, pilot pixels one in each block of an 8 x 8 grid
 ENGINE_VERSION = 4
 METHODS = ("auto", "dense", "tail")
-_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
-_LOCK_POLL = 0.1  # seconds between tries for a work directory another process holds
 NONFINITE = ("error", "skip")
-
-
-class WorkDirError(OSError, ValueError):
-    """The dissection's work directory cannot be used (one-line message naming it and what to do)."""
-
-    def __init__(self, message, directory=None, err=None):
-        super().__init__(message)
-        self.errno = err
-        self.directory = directory
-
-
-class CacheSpaceError(WorkDirError):
-    """Not enough disk space in the work directory; nothing partial was left there."""
-
-
-class CacheBusyError(WorkDirError):
-    """Another process works on the same dissection (same cache key) and ``lock_wait`` ran out."""
-
-
-def _fmt_bytes(n) -> str:
-    n = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{int(n)} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def _free_space(directory):
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
-
-
-def _space_error(directory, what, need, cause=None):
-    free = _free_space(directory)
-    have = f", {_fmt_bytes(free)} free" if free is not None else ""
-    err = CacheSpaceError(f"not enough disk space in {directory}: {what} needs {_fmt_bytes(need)}{have}; free some "
-                          f"space, dissect fewer samples, or give another cache_dir (--cache-dir)",
-                          directory, errno.ENOSPC)
-    if cause is not None:
-        err.__cause__ = cause
-    return err
-
-
-def _reserve(fd, size):
-    """Allocate ``size`` bytes of the file ``fd`` on disk now (``posix_fallocate``; zeros written
-    where the file system cannot), so that a memory map of it never meets a full disk."""
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is not None:
-        try:
-            fallocate(fd, 0, size)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
-                               errno.ENOSYS):
-                raise
-    block = bytes(1 << 20)
-    pos = os.fstat(fd).st_size  # (holes before the end, left by other writers, stay: none of ours makes them)
-    while pos < size:
-        n = min(len(block), size - pos)
-        pos += os.pwrite(fd, block[:n], pos)
-
-
-class _InterruptGuard:
-    """A SIGINT (Ctrl-C) that arrives inside ``critical()`` is held until the section ends, then
-    raised; elsewhere it is raised at once.  Only where signals can be handled (the main thread);
-    elsewhere no KeyboardInterrupt can arrive anyway."""
-
-    def __init__(self):
-        self.depth, self.pending = 0, False
-        self._prev, self._installed = None, False
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            try:
-                prev = signal.getsignal(signal.SIGINT)
-            except (ValueError, OSError):
-                prev = None
-            if callable(prev):
-                self._prev = prev
-                try:
-                    signal.signal(signal.SIGINT, self._handler)
-                    self._installed = True
-                except (ValueError, OSError):
-                    pass
-        return self
-
-    def __exit__(self, *exc):
-        if self._installed:
-            signal.signal(signal.SIGINT, self._prev)
-            self._installed = False
-        return False
-
-    def _handler(self, signum, frame):
-        if self.depth > 0:
-            self.pending = True  # a second Ctrl-C inside the section waits too: it is short
-            return
-        self._prev(signum, frame)
-
-    @contextlib.contextmanager
-    def critical(self):
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if self.depth == 0 and self.pending:
-            self.pending = False
-            self._prev(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
-
-
-class _WorkLock:
-    """An exclusive ``fcntl.flock`` on ``work_dir/lock``, held while a process works there.
-
-    The holder may delete the directory (with the lock file) when done; a process that then gets
-    the lock of a deleted file sees that the path no longer names it, and tries again."""
-
-    def __init__(self, work_dir, done_path, wait=None, progress=True):
-        self.work_dir, self.done_path = work_dir, done_path
-        self.path = os.path.join(work_dir, "lock")
-        self.wait, self.progress = wait, progress
-        self.fd = None
-
-    def _holder(self, fd):
-        try:
-            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        except OSError:
-            return ""
-        return f" (pid {text})" if text.isdigit() else ""
-
-    def acquire(self) -> bool:
-        """True once the lock is held; False if the result appeared meanwhile (load it, no lock)."""
-        if fcntl is None:
-            os.makedirs(self.work_dir, exist_ok=True)
-            return True
-        deadline = None if self.wait is None else time.monotonic() + max(0.0, float(self.wait))
-        told = False
-        while True:
-            if os.path.exists(self.done_path):
-                return False
-            try:
-                os.makedirs(self.work_dir, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-            except FileNotFoundError:  # the holder removed the directory just now
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    warnings.warn(f"{self.work_dir}: this file system cannot lock files ({os.strerror(e.errno)}); "
-                                  f"the dissection runs unlocked: do not share this cache_dir between processes",
-                                  RuntimeWarning, stacklevel=4)
-                    self.fd = fd
-                    return True
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                holder = self._holder(fd)
-                os.close(fd)
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise CacheBusyError(
-                        f"another process{holder} is working on this dissection in {self.work_dir}; wait for it "
-                        f"to finish (lock_wait=None waits and then loads its result), or give another cache_dir",
-                        self.work_dir, errno.EWOULDBLOCK) from None
-                if not told and self.progress:
-                    print(f"dissect: another process{holder} is working on this dissection in {self.work_dir}; "
-                          f"waiting for it, then loading its result", file=sys.stderr, flush=True)
-                    told = True
-                time.sleep(_LOCK_POLL)
-                continue
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if not same:  # locked a lock file its holder had removed: take the one there now
-                os.close(fd)
-                continue
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            except OSError:
-                pass  # the pid is only for messages (a full disk may refuse it)
-            self.fd = fd
-            return True
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
-
-
-def _remove_work(work_dir, result_dir):
-    """Remove a work directory that holds nothing to resume from, and its result directory if empty."""
-    if os.path.exists(os.path.join(work_dir, "checkpoint.pt")):
-        return
-    shutil.rmtree(work_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.rmdir(result_dir)
 
 
 def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, quantile: float = 0.99,
@@ -413,7 +217,7 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     if os.path.exists(done):
         return Dissection.load(result_dir)
     work_dir = os.path.join(result_dir, "work")
-    lock = _WorkLock(work_dir, done, lock_wait, progress)
+    lock = WorkLock(work_dir, done, lock_wait, progress)
     if not lock.acquire():  # another process finished it while this one waited
         return Dissection.load(result_dir)
     try:
@@ -425,7 +229,7 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
         return result
     finally:
         try:
-            _remove_work(work_dir, result_dir)  # unless it holds a checkpoint to resume from
+            remove_work(work_dir, result_dir)  # unless it holds a checkpoint to resume from
         finally:
             lock.release()
 
@@ -549,7 +353,7 @@ class _Run:
         self.next_batch = 0
         self.edges: dict[str, torch.Tensor] | None = None
         self.cache: dict[int, dict[str, torch.Tensor]] = {}  # the pilot's kept activations, by first sample
-        self.guard = _InterruptGuard()
+        self.guard = InterruptGuard()
         self._dirty = False  # statistics half changed (an error inside a counting section): never saved
 
     # -- forward ------------------------------------------------------------------------------
@@ -732,12 +536,12 @@ class _Run:
                 np.lib.format.write_array_header_1_0(f, header)
                 f.flush()
                 need += f.tell()
-                _reserve(f.fileno(), need)
+                reserve(f.fileno(), need)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(self.seg_path)
-            if isinstance(e, OSError) and e.errno in _SPACE_ERRNOS:
-                raise _space_error(self.work_dir, f"the segmentation cache ({self.n} samples of "
+            if isinstance(e, OSError) and e.errno in SPACE_ERRNOS:
+                raise space_error(self.work_dir, f"the segmentation cache ({self.n} samples of "
                                    f"{'x'.join(map(str, shape[1:]))} labels)", need, e) from None
             raise
         return np.load(self.seg_path, mmap_mode="r+")
@@ -790,8 +594,8 @@ class _Run:
             try:
                 atomic_write_bytes(self.ckpt_path, data)
             except OSError as e:
-                if getattr(e, "errno", None) in _SPACE_ERRNOS:
-                    raise _space_error(self.work_dir, "a checkpoint", len(data), e) from None
+                if getattr(e, "errno", None) in SPACE_ERRNOS:
+                    raise space_error(self.work_dir, "a checkpoint", len(data), e) from None
                 raise
 
     def load_checkpoint(self):
@@ -805,10 +609,10 @@ class _Run:
             return False
         try:
             with open(self.seg_path, "r+b") as f:  # a file with holes (an older version's) gets its blocks now
-                _reserve(f.fileno(), os.fstat(f.fileno()).st_size)
+                reserve(f.fileno(), os.fstat(f.fileno()).st_size)
         except OSError as e:
-            if e.errno in _SPACE_ERRNOS:
-                raise _space_error(self.work_dir, "the segmentation cache", os.path.getsize(self.seg_path), e) from None
+            if e.errno in SPACE_ERRNOS:
+                raise space_error(self.work_dir, "the segmentation cache", os.path.getsize(self.seg_path), e) from None
             raise
         seg_cache = np.load(self.seg_path, mmap_mode="r+")
         if seg_cache.shape[0] != self.n:
@@ -885,16 +689,19 @@ class _Run:
         self.cache = {}
         values = None
         start = time.monotonic()
-        with contextlib.closing(self.side.ahead(lambda batch: self.compute(*batch), batches)) as ahead:
-            for (i0, i1), (acts, seg, fresh, _, bad) in zip(batches, ahead):
-                if fresh:
-                    self._store_seg(i0, i1, seg, bad)
-                if values is None:  # the segmentation grid is known from the first batch on
-                    R, S = self.pilot_grid()
-                    values = {name: torch.empty(self.units[name], self.n_pilot, R * S, device=self.device)
-                              for name in self.layers}
-                self.sample_pilot(i0, i1, acts, values)
-                bar.update(1)
+        def sample(batch, out):
+            nonlocal values
+            (i0, i1), (acts, seg, fresh, _, bad) = batch, out
+            if fresh:
+                self._store_seg(i0, i1, seg, bad)
+            if values is None:  # the segmentation grid is known from the first batch on
+                R, S = self.pilot_grid()
+                values = {name: torch.empty(self.units[name], self.n_pilot, R * S, device=self.device)
+                          for name in self.layers}
+            self.sample_pilot(i0, i1, acts, values)
+            bar.update(1)
+
+        self.sweep(batches, lambda batch: self.compute(*batch), sample)
         self.check_deferred()
         H, W = self.seg_grid
         population = self.n
@@ -970,14 +777,17 @@ class _Run:
             return acts, None, None
 
         values = {}
-        with contextlib.closing(self.side.ahead(generate, batches)) as ahead:
-            for (i0, i1), (acts, seg, bad) in zip(batches, ahead):
-                if seg is not None:
-                    first.update(seg=seg, bad=bad, grid=tuple(seg.shape[-2:]))
-                    R, S = self.pilot_grid(first["grid"])
-                    values = {name: torch.empty(self.units[name], nt, R * S, device=self.device) for name in self.layers}
-                self.sample_pixels(f"threshold {rule.seed}:{i0}", i0, i1, acts, values, first["grid"])
-                bar.update(1)
+
+        def sample(batch, out):
+            (i0, i1), (acts, seg, bad) = batch, out
+            if seg is not None:
+                first.update(seg=seg, bad=bad, grid=tuple(seg.shape[-2:]))
+                R, S = self.pilot_grid(first["grid"])
+                values.update({name: torch.empty(self.units[name], nt, R * S, device=self.device) for name in self.layers})
+            self.sample_pixels(f"threshold {rule.seed}:{i0}", i0, i1, acts, values, first["grid"])
+            bar.update(1)
+
+        self.sweep(batches, generate, sample)
         self.check_deferred()
         grid, fractions = first["grid"], rule.fractions
         self.seg_grid = self.seg_grid or grid  # (the same segmenter: the main pass's grid)
@@ -997,21 +807,23 @@ class _Run:
             x, acts, _, bad = self.forward(self.z_threshold[i0:i1], self.layers, None, True, batch, what)
             return acts, self.segment(x, bad, batch, what), bad
 
-        with contextlib.closing(self.side.ahead(label, batches)) as ahead:
-            for (i0, i1), (acts, seg, bad) in zip(batches, ahead):
-                if bad is not None and bad.any():  # nonfinite="skip": samples with non-finite images left out
-                    keep = torch.from_numpy(~bad).to(self.device)
-                    acts, seg = {k: a[keep] for k, a in acts.items()}, seg[keep]
-                seg = dedupe_channels(seg, self.C)
-                counts = count_labels(seg, self.C + 1)
+        def count(batch, out):
+            acts, seg, bad = out
+            if bad is not None and bad.any():  # nonfinite="skip": samples with non-finite images left out
+                keep = torch.from_numpy(~bad).to(self.device)
+                acts, seg = {k: a[keep] for k, a in acts.items()}, seg[keep]
+            seg = dedupe_channels(seg, self.C)
+            counts = count_labels(seg, self.C + 1)
 
-                def count(name):
-                    hists[name].count_pixels(seg, counts)
-                    candidate_add(hists[name], grids[name], lookups[name], acts[name], seg, grid, self.convention,
-                                  self.chunk)
+            def layer(name):
+                hists[name].count_pixels(seg, counts)
+                candidate_add(hists[name], grids[name], lookups[name], acts[name], seg, grid, self.convention,
+                              self.chunk)
 
-                self.side.run(count, self.layers, [self.units[name] for name in self.layers])
-                bar.update(1)
+            self.side.run(layer, self.layers, [self.units[name] for name in self.layers])
+            bar.update(1)
+
+        self.sweep(batches, label, count)
         bar.close()
         self.check_deferred()
         choice, edges = {}, {}
@@ -1032,7 +844,7 @@ class _Run:
         return {name: acts[name] for name in layers}
 
     def main_pass(self, batches, bar):
-        last = time.monotonic()
+        last = [time.monotonic()]
         H, W = self.seg_grid
         # batches the pilot keeps are counted together, as many as one unit chunk holds (computed
         # again if a resumed run does not hold them: the groups are the same, so are the bits);
@@ -1057,34 +869,45 @@ class _Run:
             return {j: self.compute(*batches[j], need_seg=False)[0] for j in range(b, e)
                     if self.cached(*batches[j], self.layers) is None}
 
-        with contextlib.closing(self.side.ahead(run, steps)) as ahead:
-            for b, e, kept in steps:
-                i0, i1 = batches[b][0], batches[e - 1][1]
+        def count(step, out):  # here, in order
+            b, e, kept = step
+            i0, i1 = batches[b][0], batches[e - 1][1]
+            ext = None
+            if kept:
+                parts = [out[j] if j in out else self.cached(*batches[j], self.layers) for j in range(b, e)]
+                if not keep:
+                    for j in range(b, e):
+                        self.cache.pop(batches[j][0], None)
+                acts = {name: torch.cat([a[name] for a in parts]) if len(parts) > 1 else parts[0][name]
+                        for name in self.layers}
+                del parts
+                seg = self.cached_seg(i0, i1)
+            else:
+                acts, seg, fresh, ext, bad = out
+                if fresh:
+                    self._store_seg(i0, i1, seg, bad)
+            with self.guard.critical():  # an interrupt waits: the batch is counted whole, or not at all
+                self._dirty = True
+                self.accumulate(acts, seg, i0, i1, self.stats, ext=ext)
+                self.next_batch = e
+                self._dirty = False
+            del acts, seg, out
+            bar.update(e - b)
+            if time.monotonic() - last[0] >= self.checkpoint_every and e < len(batches):
+                self.save_checkpoint()
+                last[0] = time.monotonic()
+
+        self.sweep(steps, run, count)
+
+    def sweep(self, items, produce, consume):
+        """The one loop of every pass (pilot, the IQR rule's threshold set, main pass, refinement):
+        ``produce(item)`` (the models) on the lanes, up to ``lanes`` items ahead, ``consume(item,
+        out)`` (the statistics) here, in order."""
+        with contextlib.closing(self.side.ahead(produce, items)) as ahead:
+            for item in items:
                 out = next(ahead)
-                ext = None
-                if kept:
-                    parts = [out[j] if j in out else self.cached(*batches[j], self.layers) for j in range(b, e)]
-                    if not keep:
-                        for j in range(b, e):
-                            self.cache.pop(batches[j][0], None)
-                    acts = {name: torch.cat([a[name] for a in parts]) if len(parts) > 1 else parts[0][name]
-                            for name in self.layers}
-                    del parts
-                    seg = self.cached_seg(i0, i1)
-                else:
-                    acts, seg, fresh, ext, bad = out
-                    if fresh:
-                        self._store_seg(i0, i1, seg, bad)
-                with self.guard.critical():  # an interrupt waits: the batch is counted whole, or not at all
-                    self._dirty = True
-                    self.accumulate(acts, seg, i0, i1, self.stats, ext=ext)
-                    self.next_batch = e
-                    self._dirty = False
-                del acts, seg, out
-                bar.update(e - b)
-                if time.monotonic() - last >= self.checkpoint_every and e < len(batches):
-                    self.save_checkpoint()
-                    last = time.monotonic()
+                consume(item, out)
+                del out  # not held while the next one is waited for
 
     def accumulate(self, acts, seg, i0, i1, stats, moments=True, ext=None):
         ids = torch.arange(i0, i1, device=self.device)
@@ -1202,9 +1025,8 @@ class _Run:
                 acts, seg, _, ext, _ = self.compute(*batch, layers=names)
                 return acts, seg, ext
 
-            with contextlib.closing(self.side.ahead(replay, batches)) as ahead:
-                for (i0, i1), (acts, seg, ext) in zip(batches, ahead):
-                    self.accumulate(acts, seg, i0, i1, fresh, moments=False, ext=ext)
+            self.sweep(batches, replay, lambda batch, out: self.accumulate(out[0], out[1], *batch, fresh, moments=False,
+                                                                           ext=out[2]))
             with self.guard.critical():
                 for name in names:
                     self.stats[name].hist = fresh[name].hist
