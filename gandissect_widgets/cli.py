@@ -534,6 +534,9 @@ def cmd_dissect(a):
     skipped = d.settings.get("nonfinite_skipped")
     if skipped:
         print(f"left out as not finite (--nonfinite skip): {json.dumps(skipped)}")
+    ceiling = d.ceiling_warning(a.min_iou)
+    if ceiling:
+        print(f"warning: {ceiling}", file=sys.stderr)
     with open(os.path.join(a.out, "dissect.json")) as f:
         arrays = json.load(f)["arrays"]["file"]
     print(f"wrote {os.path.join(a.out, 'dissect.json')} and {os.path.join(a.out, arrays)}")

@@ -500,7 +500,14 @@ def test_lock_wait_gives_up_on_a_busy_cache(tmp_path, capsys):
 def test_dissect_says_the_files_it_wrote(tmp_path, capsys):
     out = tmp_path / "o"
     assert main([*DIS, "--out", str(out), "--cache-dir", "none"]) == 0
-    last = capsys.readouterr().out.splitlines()[-1]
+    said = capsys.readouterr()
+    last = said.out.splitlines()[-1]
+    # the planted world's background covers most of each image: at the top 1% no unit can reach
+    # the cut-off with it, and the command says so on stderr, naming it with its ceiling
+    d = json.loads((out / "dissect.json").read_text())
+    warning = [line for line in said.err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "cannot reach the interpretability cut-off IoU 0.04" in warning[0]
+    assert "background" in warning[0] and d["warnings"] and "background" in " ".join(d["warnings"])
     arrays = json.loads((out / "dissect.json").read_text())["arrays"]["file"]
     assert arrays.startswith("arrays-") and (out / arrays).is_file()
     assert last == f"wrote {out / 'dissect.json'} and {out / arrays}"
