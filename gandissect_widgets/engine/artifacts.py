@@ -6,9 +6,10 @@ improvement (before - after).  Then the top-k units are ablated everywhere and t
 ordinary samples is reported before and after, beside the same number of random units (and,
 when given, beside a baseline generator: e.g. the clean GAN an artifact variant came from).
 
-Every distance and improvement carries a percentile bootstrap interval over the generated samples
-(the reference held fixed), drawn as ``engine.ace.bootstrap_ci`` draws them; the quantities
-compared are resampled together (paired), so "helps" and "does not help" can be told apart.
+Every distance and improvement carries a bootstrap interval over the generated samples (the
+reference held fixed; resamples drawn as ``engine.ace.bootstrap_ci`` draws them, basic intervals,
+see ``bootstrap_interval``); the quantities compared are resampled together (paired), so "helps"
+and "does not help" can be told apart.
 """
 from __future__ import annotations
 
@@ -24,13 +25,19 @@ from gandissect_widgets.engine.hooks import resolve_layers
 from gandissect_widgets.engine.interventions import Intervention, layer_activation, render
 from gandissect_widgets.engine.protocols import model_device, sample_latents
 
-__all__ = ["ArtifactResult", "artifact_scores", "reference_stats", "percentile_interval"]
+__all__ = ["ArtifactResult", "artifact_scores", "reference_stats", "bootstrap_interval"]
 
 
-def percentile_interval(values, level: float = 0.95):
-    """(low, high) percentile interval of bootstrap values (NaNs left out), as ``bootstrap_ci`` reports it."""
+def bootstrap_interval(point, values, level: float = 0.95):
+    """(low, high) basic bootstrap interval: the percentile interval of ``2 * point - values``.
+
+    A resample repeats samples, so the Fréchet distance of a resample lies above the distance of
+    the set (the estimate's small-sample bias, large on a hundred samples); reflecting the bootstrap
+    values about the point corrects that shift, where a percentile interval (``ace.bootstrap_ci``,
+    right for means) would sit above the point.  ``point`` broadcasts against ``values`` (pooled
+    draws: one point per row); NaNs are left out."""
     a = (1 - level) / 2
-    v = np.asarray(values, dtype=np.float64).ravel()
+    v = (2 * np.asarray(point, dtype=np.float64) - np.asarray(values, dtype=np.float64)).ravel()
     if v.size == 0 or np.isnan(v).all():
         return (float("nan"), float("nan"))
     return float(np.nanquantile(v, a)), float(np.nanquantile(v, 1 - a))
@@ -149,8 +156,8 @@ def artifact_scores(G, S, layer: str, reference, n_samples: int = 1000, seed: in
         before[u] = frechet_distance(*feature_stats(f_before), mu_r, s_r)
         after[u] = frechet_distance(*feature_stats(f_after), mu_r, s_r)
         if unit_bootstrap:
-            score_ci[u] = percentile_interval(
-                frechet_resampled(f_before, mu_r, s_r, unit_idx, ref_sqrt=ref_sqrt)
+            score_ci[u] = bootstrap_interval(
+                before[u] - after[u], frechet_resampled(f_before, mu_r, s_r, unit_idx, ref_sqrt=ref_sqrt)
                 - frechet_resampled(f_after, mu_r, s_r, unit_idx, ref_sqrt=ref_sqrt), level)
     score = np.where(np.isnan(before), -np.inf, before - after)
     ranking = np.lexsort((np.arange(U), -score))[:len(units)]
@@ -176,15 +183,15 @@ def _removal(G, layer, units, ranking, ks, feature_fn, ref, seed, n_samples, n_e
         point = frechet_distance(*feature_stats(f), mu_r, s_r)
         return point, frechet_resampled(f, mu_r, s_r, idx, ref_sqrt=ref_sqrt) if bootstrap else np.full(1, np.nan)
 
-    def ci(v):
-        return list(percentile_interval(v, level))
+    def ci(point, v):
+        return list(bootstrap_interval(point, v, level))
     base, base_b = measure(G)
-    rem = {"n_eval": n_eval, "fd_original": base, "fd_original_ci": ci(base_b), "ks": [], "fd_top": [],
+    rem = {"n_eval": n_eval, "fd_original": base, "fd_original_ci": ci(base, base_b), "ks": [], "fd_top": [],
            "fd_top_ci": [], "gain_top_ci": [], "fd_random": [], "fd_random_std": [], "fd_random_draws": [],
            "fd_random_ci": [], "gain_random_ci": []}
     if baseline is not None:
         clean, clean_b = measure(baseline)
-        rem.update(fd_baseline=clean, fd_baseline_ci=ci(clean_b), top_vs_baseline_ci=[], random_vs_baseline_ci=[])
+        rem.update(fd_baseline=clean, fd_baseline_ci=ci(clean, clean_b), top_vs_baseline_ci=[], random_vs_baseline_ci=[])
     rng = np.random.RandomState(seed)
     for k in ks:
         if not 0 < k <= len(units):
@@ -192,18 +199,19 @@ def _removal(G, layer, units, ranking, ks, feature_fn, ref, seed, n_samples, n_e
         top_fd, top_b = measure(G, [Intervention(layer, ranking[:k], "ablate")])
         draws = [measure(G, [Intervention(layer, rng.choice(units, k, replace=False), "ablate")])
                  for _ in range(random_draws)]
-        rnd = np.array([d[0] for d in draws])
+        rnd = np.array([d[0] for d in draws]) if draws else np.full(1, np.nan)
         rnd_b = np.stack([d[1] for d in draws]) if draws else np.full((1, 1), np.nan)
+        rp = rnd[:, None]                               # pooled intervals: each draw reflected about its own point
         rem["ks"].append(int(k))
         rem["fd_top"].append(top_fd)
-        rem["fd_top_ci"].append(ci(top_b))
-        rem["gain_top_ci"].append(ci(base_b - top_b))
-        rem["fd_random"].append(float(rnd.mean()) if draws else float("nan"))
-        rem["fd_random_std"].append(float(rnd.std()) if draws else float("nan"))
-        rem["fd_random_draws"].append([float(x) for x in rnd])
-        rem["fd_random_ci"].append(ci(rnd_b))           # pooled over draws: which units, and which samples
-        rem["gain_random_ci"].append(ci(base_b[None] - rnd_b))
+        rem["fd_top_ci"].append(ci(top_fd, top_b))
+        rem["gain_top_ci"].append(ci(base - top_fd, base_b - top_b))
+        rem["fd_random"].append(float(np.mean(rnd)))
+        rem["fd_random_std"].append(float(np.std(rnd)))
+        rem["fd_random_draws"].append([float(x) for x in rnd] if draws else [])
+        rem["fd_random_ci"].append(ci(rp, rnd_b))       # pooled over draws: which units, and which samples
+        rem["gain_random_ci"].append(ci(base - rp, base_b[None] - rnd_b))
         if baseline is not None:
-            rem["top_vs_baseline_ci"].append(ci(top_b - clean_b))
-            rem["random_vs_baseline_ci"].append(ci(rnd_b - clean_b[None]))
+            rem["top_vs_baseline_ci"].append(ci(top_fd - clean, top_b - clean_b))
+            rem["random_vs_baseline_ci"].append(ci(rp - clean, rnd_b - clean_b[None]))
     return rem
