@@ -124,27 +124,59 @@ def context_figure(result, min_count: int = 5):
 
 
 def artifacts_figure(result, top: int = 20):
+    """Left: the top units' artifact scores with their bootstrap intervals; right: the distance of
+    ordinary samples after ablating the top-k units and k random units (intervals as error bars),
+    beside the unedited generator's and, when measured, a baseline generator's (bands)."""
     score = result.score
     order = result.ranking[:top]
-    fig = PngFigure(figsize=(9, 3.2))
+    fig = PngFigure(figsize=(9.5, 3.4))
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     ax = axes[0]
-    ax.bar(range(len(order)), score[order], color="tab:red")
+    ci = getattr(result, "score_ci", None)
+    yerr = None
+    if ci is not None and len(order):
+        lo, hi = ci[order, 0], ci[order, 1]
+        yerr = np.abs(np.stack([score[order] - lo, hi - score[order]]))
+    ax.bar(range(len(order)), score[order], color="tab:red", yerr=yerr, ecolor="0.3", capsize=2,
+           error_kw={"lw": 0.8})
+    ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([str(u) for u in order], rotation=90, fontsize=7)
     ax.set_ylabel("distance improvement")
     ax.set_xlabel("unit")
-    ax.set_title(f"Artifact scores at {result.layer}")
+    level = result.settings.get("level", 0.95) if result.settings else 0.95
+    ax.set_title(f"Artifact scores at {result.layer}" + (f" ({level:.0%} intervals)" if yerr is not None else ""))
     ax = axes[1]
     rem = result.removal
     if rem and rem.get("ks"):
-        ks = rem["ks"]
-        ax.axhline(rem["fd_original"], color="k", lw=1, label="original")
-        ax.plot(ks, rem["fd_top"], marker="o", color="tab:red", label="top artifact units")
-        m, s = np.array(rem["fd_random"]), np.array(rem["fd_random_std"])
-        ax.errorbar(ks, m, yerr=s, marker="o", color="gray", label="random units")
+        ks = np.array(rem["ks"])
+
+        def band(value, interval, color, label):
+            ax.axhline(value, color=color, lw=1, label=label)
+            if interval is not None and np.all(np.isfinite(interval)):
+                ax.axhspan(interval[0], interval[1], color=color, alpha=0.12, lw=0)
+
+        def points(values, intervals, color, label, shift):
+            values = np.asarray(values, dtype=float)
+            err = None
+            if intervals is not None:
+                iv = np.asarray(intervals, dtype=float)
+                err = np.abs(np.stack([values - iv[:, 0], iv[:, 1] - values]))
+            ax.errorbar(ks + shift, values, yerr=err, marker="o", ms=4, capsize=3, color=color, label=label)
+        band(rem["fd_original"], rem.get("fd_original_ci"), "k", "unedited")
+        if "fd_baseline" in rem:
+            band(rem["fd_baseline"], rem.get("fd_baseline_ci"), "tab:green", "baseline generator")
+        step = 0.02 * max(1, ks.max() - ks.min())
+        points(rem["fd_top"], rem.get("fd_top_ci"), "tab:red", "top artifact units", -step)
+        if "fd_random_ci" in rem:
+            points(rem["fd_random"], rem["fd_random_ci"], "gray", "random units", step)
+        else:
+            ax.errorbar(ks + step, rem["fd_random"], yerr=rem.get("fd_random_std"), marker="o", ms=4, capsize=3,
+                        color="gray", label="random units (± sd)")
+        ax.set_xticks(ks)
         ax.set_xlabel("units ablated")
         ax.set_ylabel("Fréchet distance")
+        ax.set_title(f"{rem.get('n_eval', '?')} fresh samples", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
