@@ -201,3 +201,20 @@ def test_registry_errors():
         gw.load_generator("planted", colour="red")
     with pytest.raises(ValueError, match="already registered"):
         gw.register_generator("planted", lambda: None)
+
+
+def test_cli_dissect_takes_the_rule_the_backend_and_the_convention(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["dissect", "--generator", "planted", "--segmenter", "planted", "--layers", "layer1", "--samples", "100",
+               "--out", str(out), "--device", "cpu", "--batch-size", "50", "--quiet", "--threshold", "iqr",
+               "--method", "dense", "--upsample", "pnas"])
+    assert rc == 0
+    d = gw.Dissection.load(out)
+    assert (d.settings["threshold"], d.settings["method"], d.settings["upsample"]) == ("iqr", "dense", "pnas")
+    assert d.unit_labels("layer1")[:4] == ["red", "green", "blue", "yellow"]
+    # the IQR rule's arrays are saved and loaded with the result
+    assert [d.labels[c] for c in d.array("layer1", "iqr_concept")[:4]] == ["red", "green", "blue", "yellow"]
+    capsys.readouterr()
+    assert main(["dissect", "--generator", "planted", "--segmenter", "planted", "--layers", "layer1",
+                 "--out", str(tmp_path / "x"), "--threshold", "median"]) == 2
+    assert "invalid choice: 'median'" in capsys.readouterr().err
