@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from gandissect_widgets.engine.io import atomic_write_json
+from gandissect_widgets.engine.readout import descending
 
 __all__ = ["cmd_ace", "cmd_optimize", "cmd_context", "cmd_artifacts", "load_reference"]
 
@@ -136,7 +137,7 @@ def cmd_ace(a):
     if a.unit_samples > 0:
         ua = unit_ace(G, S, a.layer, a.concept, n_samples=a.unit_samples, seed=a.seed + 1,
                       batch_size=a.batch_size, insertion=ins, progress=not a.quiet)
-        rankings["ACE"] = np.lexsort((np.arange(len(ua)), -ua))
+        rankings["ACE"] = descending(ua)
         doc["unit_ace"] = [float(x) for x in ua]
         doc["ace_ranking"] = [int(u) for u in rankings["ACE"]]
         figures["ace_ranking"] = ace_ranking_figure(ua, res.concept, a.layer)

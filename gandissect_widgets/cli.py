@@ -24,6 +24,8 @@ import traceback
 
 import torch
 
+from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU
+
 __all__ = ["main", "build_parser", "UserError", "check_result_dir", "fill_models_from"]
 
 PROG = "gandissect"
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lanes", type=int, default=2,
                    help="on a CPU, batches run through the models at once, one per thread (default 2; 1 uses the least memory)")
     p.add_argument("--topk", type=int, default=20, help="top-activating samples kept per unit")
-    p.add_argument("--min-iou", type=float, default=0.04, help="IoU above which a unit is interpretable")
+    p.add_argument("--min-iou", type=float, default=DEFAULT_MIN_IOU, help="IoU above which a unit is interpretable")
     p.add_argument("--out", required=True,
                    help="output directory (dissect.json, the manifest, and arrays-<hash>.npz)")
     p.add_argument("--cache-dir", default=None,
@@ -504,7 +506,7 @@ def cmd_dissect(a):
     _int("--batch-size", a.batch_size, 1)
     _int("--lanes", a.lanes, 1)
     _int("--topk", a.topk, 1)
-    _number("--min-iou", a.min_iou, 0, 1, hi_open=True, hint=" (0.04: the papers' cut-off)")
+    _number("--min-iou", a.min_iou, 0, 1, hi_open=True, hint=f" ({DEFAULT_MIN_IOU:g}: the papers' cut-off)")
     if a.lock_wait is not None:
         _number("--lock-wait", a.lock_wait, 0, hint=" seconds (0: do not wait)")
     if len(set(a.layers)) != len(a.layers):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gandissect_widgets.engine.hooks import Edit, TraceDict, can_run_from, resolve_layers
+from gandissect_widgets.engine.hooks import Edit, TraceDict, can_run_from, check_units, resolve_layers
 from gandissect_widgets.engine.interventions import (Cost, InsertionValues, Intervention, concept_index,
                                                      concept_presence, layer_activation, render)
 from gandissect_widgets.engine.progress import Steps
@@ -25,18 +25,6 @@ from gandissect_widgets.engine.protocols import model_device, sample_latents
 
 __all__ = ["AceResult", "measure_ace", "measure_ace_cost", "unit_ace", "unit_ace_reference", "unit_ace_cost",
            "removal_curve", "removal_curve_cost", "bootstrap_ci", "check_units"]
-
-
-def check_units(units, n_units: int) -> np.ndarray:
-    u = np.asarray(units)
-    if u.size == 0:
-        raise ValueError("empty unit set: give at least one unit index")
-    if u.dtype.kind not in "iu":
-        raise ValueError(f"unit indices must be integers, got {u.dtype}")
-    bad = [int(x) for x in u.reshape(-1) if x < 0 or x >= n_units]
-    if bad:
-        raise ValueError(f"unit index out of range: {bad[:10]}; the layer has {n_units} units (0..{n_units - 1})")
-    return u.reshape(-1).astype(np.int64)
 
 
 def bootstrap_ci(stat, n: int, rounds: int = 1000, level: float = 0.95, seed: int = 0):

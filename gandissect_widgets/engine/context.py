@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gandissect_widgets.engine.ace import check_units
+from gandissect_widgets.engine.hooks import check_units
 from gandissect_widgets.engine.hooks import Edit, can_run_from, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, concept_index, layer_activation,
                                                      render)

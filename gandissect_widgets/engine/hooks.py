@@ -28,6 +28,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -260,7 +261,7 @@ class Edit:
         if r.dim() != 4:
             raise ValueError(f"Edit at {self.layer!r} needs a (N,C,h,w) activation, got shape {tuple(r.shape)}")
         C = r.shape[1]
-        a = _unit_weights(self.units, C, r)
+        a = _unit_weights(self.units, C, r, self.layer)
         if a.dim() == 2 and a.shape[0] != r.shape[0]:
             raise ValueError(f"per-sample unit weights for {self.layer!r} have {a.shape[0]} rows for "
                              f"{r.shape[0]} samples")
@@ -296,6 +297,22 @@ class Edit:
         return r * (1 - a) + k * a
 
 
+def check_units(units, n_units: int, layer: str | None = None) -> np.ndarray:
+    """Unit indices as a flat int64 array, each in 0..n_units-1 (an error names the bad ones and the
+    layer's size): the one check of every unit set a user gives (edits, ACE, context, the Session)."""
+    u = units.detach().cpu().numpy() if torch.is_tensor(units) else np.asarray(units)
+    if u.size == 0:
+        raise ValueError("empty unit set: give at least one unit index")
+    if u.dtype.kind not in "iu":
+        raise ValueError(f"unit indices must be integers, got {u.dtype}")
+    u = u.reshape(-1).astype(np.int64)
+    bad = [int(x) for x in u if x < 0 or x >= n_units]
+    if bad:
+        raise ValueError(f"unit index out of range: {bad[:10]}; {layer or 'the layer'} has {n_units} units "
+                         f"(0..{n_units - 1})")
+    return u
+
+
 def _unit_index(units, C):
     t = torch.as_tensor(units)
     if t.dtype == torch.bool or t.is_floating_point():
@@ -304,7 +321,7 @@ def _unit_index(units, C):
     return t
 
 
-def _unit_weights(units, C, like):
+def _unit_weights(units, C, like, layer=None):
     t = torch.as_tensor(units, device=like.device)
     if t.numel() == 0:
         raise ValueError("empty unit set: give at least one unit index")
@@ -316,12 +333,7 @@ def _unit_weights(units, C, like):
             raise ValueError(f"a {kind} needs {C} entries (or one row of {C} per sample), "
                              f"got shape {tuple(t.shape)}")
         return t.to(like.dtype).reshape(C)
-    t = t.reshape(-1).long()
-    if t.numel() == 0:
-        raise ValueError("empty unit set: give at least one unit index")
-    if int(t.min()) < 0 or int(t.max()) >= C:
-        bad = [int(u) for u in t.tolist() if u < 0 or u >= C]
-        raise ValueError(f"unit index out of range: {bad[:10]}; the layer has {C} units (0..{C - 1})")
+    t = torch.from_numpy(check_units(t, C, layer)).to(like.device)
     a = torch.zeros(C, dtype=like.dtype, device=like.device)
     a[t] = 1
     return a

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import astuple, dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from gandissect_widgets.engine.hooks import (Edit, TraceDict, can_run_from, edit_layers, resolve_layers,
                                              run_from)
 from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents, segment
+from gandissect_widgets.engine.readout import concept_index  # noqa: F401  (re-exported: the causal tools' lookup)
 from gandissect_widgets.engine.upsample import pool_mask
 
 __all__ = ["Intervention", "render", "layer_activation", "concept_presence", "concept_index",
@@ -47,18 +47,6 @@ class Cost:
         part = f" ({self.from_layer:,} from the edited layer on)" if self.from_layer else ""
         return (f"{self.forward_passes:,} forward passes{part}, {self.segmenter_calls:,} segmenter calls, "
                 f"{self.images:,} images")
-
-
-def concept_index(labels: Sequence[str], concept) -> int:
-    """The label index of ``concept`` (a name or an index), with an error listing the concepts."""
-    labels = list(labels)
-    if isinstance(concept, (int, np.integer)) and not isinstance(concept, bool):
-        if 0 < int(concept) < len(labels):
-            return int(concept)
-        raise ValueError(f"concept index {concept} out of range 1..{len(labels) - 1}")
-    if isinstance(concept, str) and concept in labels[1:]:
-        return labels.index(concept)
-    raise KeyError(f"unknown concept {concept!r}; concepts: {', '.join(map(str, labels[1:]))}")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from gandissect_widgets.engine.hooks import Edit, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, concept_index, concept_presence,
                                                      layer_activation, render)
 from gandissect_widgets.engine.protocols import model_device, sample_latents
+from gandissect_widgets.engine.readout import descending
 
 __all__ = ["OptimizeResult", "optimize_intervention"]
 
@@ -97,7 +98,7 @@ def optimize_intervention(G, S, layer: str, concept, n_train: int = 256, n_test:
             soft.append(_ace_alpha(G, S, zb, layer, c, a, k, soft=True, grad=False).cpu())
             hard.append(_ace_alpha(G, S, zb, layer, c, a, k, soft=False, grad=False).cpu())
     alpha_np = a.cpu().numpy()
-    ranking = np.lexsort((np.arange(C), -alpha_np))
+    ranking = descending(alpha_np)
     topk_ace = {}
     for kk in topks:
         if 0 < kk <= C:

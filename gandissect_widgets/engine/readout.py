@@ -15,7 +15,28 @@ import torch
 
 from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram
 
-__all__ = ["read_layer"]
+__all__ = ["read_layer", "DEFAULT_MIN_IOU", "concept_index", "descending"]
+
+DEFAULT_MIN_IOU = 0.04  # the papers' interpretability cut-off: a unit whose best IoU exceeds it is interpretable
+
+
+def concept_index(labels, concept) -> int:
+    """The label index of ``concept`` (a name or an index; never 0, unlabeled), with an error listing the concepts."""
+    labels = list(labels)
+    if isinstance(concept, (int, np.integer)) and not isinstance(concept, bool):
+        if 0 < int(concept) < len(labels):
+            return int(concept)
+        raise ValueError(f"concept index {concept} out of range 1..{len(labels) - 1}")
+    if isinstance(concept, str) and concept in labels[1:]:
+        return labels.index(concept)
+    raise KeyError(f"unknown concept {concept!r}; concepts: {', '.join(map(str, labels[1:]))}")
+
+
+def descending(values) -> np.ndarray:
+    """Indices by descending value, ties by index, NaN last: every ranking of units (by IoU, ACE,
+    artifact score, alpha) orders this way, so two views of one ranking never disagree."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    return np.lexsort((np.arange(v.shape[0]), -np.nan_to_num(v, nan=-np.inf)))
 
 
 def read_layer(h: TailHistogram, moments: RunningMoments, topk: RunningTopK, quantile: float, shape, concepts: int,

@@ -47,14 +47,14 @@ import warnings
 
 import numpy as np
 
-from gandissect_widgets.engine import baselines
+from gandissect_widgets.engine import baselines, readout
 from gandissect_widgets.engine.io import (atomic_write_bytes, describe_os_error, fsync_dir, json_bytes, json_clean,
                                           sha256_bytes, sha256_file)
 
 __all__ = ["Dissection", "DEFAULT_MIN_IOU", "FORMAT", "ResultError", "ResultSaveError", "LegacyResultWarning",
            "LowCeilingWarning", "NoBaselineError"]
 
-DEFAULT_MIN_IOU = 0.04
+DEFAULT_MIN_IOU = readout.DEFAULT_MIN_IOU
 FORMAT = "gandissect-widgets/dissection"
 VERSION = 3  # 3: concept position counts; 2: arrays-<hash>.npz and document_sha256; 1: arrays.npz, only the arrays hashed
 MANIFEST = "dissect.json"
@@ -206,13 +206,7 @@ class Dissection:
         return a[name]
 
     def concept_index(self, concept) -> int:
-        if isinstance(concept, (int, np.integer)):
-            if not 0 < int(concept) < len(self.labels):
-                raise ValueError(f"concept index {concept} out of range 1..{len(self.labels) - 1}")
-            return int(concept)
-        if concept not in self.labels or concept == self.labels[0]:
-            raise KeyError(f"unknown concept {concept!r}; concepts: {', '.join(self.labels[1:])}")
-        return self.labels.index(concept)
+        return readout.concept_index(self.labels, concept)
 
     def iou(self, layer: str) -> np.ndarray:
         """(units, concepts) IoU, columns in the order of ``labels``."""
@@ -245,8 +239,7 @@ class Dissection:
     def ranking(self, layer: str, concept) -> np.ndarray:
         """Unit indices by descending IoU with ``concept`` (ties by unit index)."""
         c = self.concept_index(concept)
-        col = self.iou(layer)[:, c]
-        return np.lexsort((np.arange(col.shape[0]), -col))
+        return readout.descending(self.iou(layer)[:, c])
 
     # -- what an IoU is compared with (engine.baselines) ----------------------------------------
     @property

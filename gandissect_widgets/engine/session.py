@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from gandissect_widgets.engine.hooks import resolve_layers
+from gandissect_widgets.engine.hooks import check_units, resolve_layers
 from gandissect_widgets.engine.imaging import to_uint8
 from gandissect_widgets.engine.interventions import (InsertionValues, Intervention, concept_index,
                                                      concept_presence, layer_activation, render)
@@ -167,17 +167,14 @@ class Session:
             v = tuple(sorted({int(u) for u in v}))
             layer = changes.get("layer", self.layer)
             if v and layer is not None:
-                n = self.n_units(layer)
-                bad = [u for u in v if u < 0 or u >= n]
-                if bad:
-                    raise ValueError(f"unit index out of range: {bad[:10]}; {layer} has {n} units")
+                check_units(v, self.n_units(layer), layer)
             return v
         if k == "unit":
             if v is None:
                 return None
             v, layer = int(v), changes.get("layer", self.layer)
-            if layer is not None and not 0 <= v < self.n_units(layer):
-                raise ValueError(f"unit index out of range: {v}; {layer} has {self.n_units(layer)} units")
+            if layer is not None:
+                check_units([v], self.n_units(layer), layer)
             return v
         if k == "dissection":
             if v is not None and not isinstance(v, Dissection):

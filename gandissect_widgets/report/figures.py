@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from gandissect_widgets.engine.imaging import HEATMAP_STOPS
 from gandissect_widgets.engine.io import atomic_write_bytes
+from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU, descending
 
 __all__ = ["save_figure", "removal_curve_figure", "ace_ranking_figure", "alpha_figure", "context_figure",
            "artifacts_figure", "interpretable_units_figure", "interpretable_units_figures"]
@@ -83,7 +84,7 @@ def removal_curve_figure(curve: dict):
 
 def _ranked_bars(values, top, color, ylabel, title, ylim=None):
     values = np.asarray(values)
-    order = np.lexsort((np.arange(len(values)), -values))[:top]
+    order = descending(values)[:top]
     fig = PngFigure(figsize=(max(4, 0.22 * len(order) + 1), 3))
     ax = fig.subplots()
     ax.bar(range(len(order)), values[order], color=color)
@@ -208,7 +209,7 @@ def _stacked_units(ax, layers, counts, colors):
     return drawn
 
 
-def interpretable_units_figure(dissection, layers=None, min_iou: float = 0.04, ax=None, ymax=None, colors=None):
+def interpretable_units_figure(dissection, layers=None, min_iou: float = DEFAULT_MIN_IOU, ax=None, ymax=None, colors=None):
     """Stacked bars: interpretable units per concept for each layer.
 
     ymax: the y-axis top (to compare figures, see ``interpretable_units_figures``); colors: a
@@ -229,7 +230,7 @@ def interpretable_units_figure(dissection, layers=None, min_iou: float = 0.04, a
     return ax.figure
 
 
-def interpretable_units_figures(dissections, min_iou: float = 0.04):
+def interpretable_units_figures(dissections, min_iou: float = DEFAULT_MIN_IOU):
     """One ``interpretable_units_figure`` per dissection, on one y range and one concept colour map,
     so that a model with few interpretable units looks it beside one with many."""
     dissections = list(dissections)
@@ -238,7 +239,7 @@ def interpretable_units_figures(dissections, min_iou: float = 0.04):
     return [interpretable_units_figure(d, min_iou=min_iou, ymax=top, colors=colors) for d in dissections]
 
 
-def unit_iou_figure(dissection, layer: str, unit: int, top: int = 10, min_iou: float = 0.04):
+def unit_iou_figure(dissection, layer: str, unit: int, top: int = 10, min_iou: float = DEFAULT_MIN_IOU):
     """A unit's IoU with its best concepts (horizontal bars); the dashed line is the ``min_iou`` cut-off."""
     iou = dissection.iou(layer)[unit]
     order = [c for c in np.argsort(-iou, kind="stable") if c > 0][:top]
@@ -353,7 +354,7 @@ def unit_gallery_figure(gallery: dict, dissection, layer: str, rows, title=None,
 CONCEPT_OUTLINE = (0, 200, 255)  # the segmenter's concept masks; units' masks are outlined in yellow
 
 
-def compare_dissections_figure(dissections: dict, layers=None, min_iou: float = 0.04):
+def compare_dissections_figure(dissections: dict, layers=None, min_iou: float = DEFAULT_MIN_IOU):
     """Two (or more) dissections side by side: interpretable units per concept for each layer
     (stacked bars, one panel per dissection, shared y axis and concept colours), and each layer's
     units sorted by their best IoU (last panel; the dashed line is ``min_iou``).

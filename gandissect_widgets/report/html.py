@@ -25,6 +25,8 @@ import sys
 
 import numpy as np
 
+from gandissect_widgets.engine.readout import descending
+
 __all__ = ["build_report", "find_results", "add_parser", "cmd_report", "RESULT_FILES"]
 
 RESULT_FILES = ("ace.json", "context.json", "artifacts.json", "optimize.json")
@@ -139,7 +141,7 @@ def drawn_units(d, layer, min_iou, top_units=20, all_units=False) -> list[int]:
     """The units whose cards get pictures: every one, or the interpretable ones and the ``top_units``
     best by IoU (in card order, best first)."""
     ious = d.unit_ious(layer)
-    order = np.lexsort((np.arange(len(ious)), -ious))
+    order = descending(ious)
     if all_units:
         return [int(u) for u in order]
     keep = d.interpretable(layer, min_iou)
@@ -203,7 +205,7 @@ def _layer_section(d, layer, min_iou, strips):
     base, ceil = (d.unit_baselines(layer) if d.has_position_baseline else None), d.unit_ceilings(layer)
     iou = d.iou(layer)
     interp = d.interpretable(layer, min_iou)
-    order = np.lexsort((np.arange(len(ids)), -ious))  # as the page's own sort: IoU (all its digits), then unit
+    order = descending(ious)  # as the page's own sort: IoU (all its digits), then unit
     cards = []
     for u in order:
         u = int(u)
