@@ -193,6 +193,12 @@ class Dissection:
     def layers(self) -> list[str]:
         return list(self._layers)
 
+    @property
+    def convention(self) -> str:
+        """The upsampling convention of the thresholds ("iclr" or "pnas", ``engine.upsample``):
+        every picture of a unit's map or mask upsamples the same way, or it would not be its mask."""
+        return str(self.settings.get("upsample", "iclr"))
+
     def _get(self, layer):
         if layer not in self._layers:
             raise KeyError(f"layer {layer!r} was not dissected; dissected layers: {', '.join(self._layers)}")

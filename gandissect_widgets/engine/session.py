@@ -318,7 +318,7 @@ class Session:
             x = self.render(indices, [], seed)
             seg_hw = segment(self.segmenter, x[:1]).shape[-2:]
             r = self.activation(layer, indices, seed)[:, unit:unit + 1]
-            up = upsample(r.float(), seg_hw)[:, 0].cpu().numpy()
+            up = upsample(r.float(), seg_hw, d.convention)[:, 0].cpu().numpy()
         return up, up > float(d.thresholds(layer)[unit]), to_uint8(x)
 
     def unit_top_samples(self, layer: str, unit: int, k: int = 5) -> list[int]:
@@ -348,7 +348,7 @@ class Session:
             out = {}
             for u, samples in top.items():
                 rows = [pos[i] for i in samples]
-                up = upsample(r[rows, u:u + 1].float(), hw)[:, 0].cpu().numpy()
+                up = upsample(r[rows, u:u + 1].float(), hw, d.convention)[:, 0].cpu().numpy()
                 out[u] = GalleryEntry(imgs[rows], up > thr[u], up, labels, rows)
         return out
 
