@@ -51,3 +51,23 @@ def test_gallery_figure_shows_concept_masks_under_unit_masks(session, tmp_path):
     import matplotlib.image
     pixels = (matplotlib.image.imread(png)[..., :3] * 255).round().astype(int).reshape(-1, 3)
     assert (np.abs(pixels - np.array(CONCEPT_OUTLINE)).sum(1) <= 3).sum() > 50  # the concept outlines are drawn
+
+
+def test_report_cards_show_the_concept_mask_under_the_units(session):
+    """A report card's picture: the unit's masks on top, the segmenter's mask of its label below."""
+    from gandissect_widgets.engine.imaging import overlay_mask
+    from gandissect_widgets.report.html import _unit_strips
+    d = session.dissection
+    unit = int(d.ranking("layer1", "green")[0])
+    picture = _unit_strips(session, "layer1", [unit], 3)[unit]
+    images, masks, _ = entry = session.unit_gallery("layer1", [unit], k=3)[unit]
+    H, W = images.shape[1:3]
+    assert picture.shape[:2] == (2 * H + 2, 3 * W + 4)
+    label = int(d.unit_label_ids("layer1")[unit])
+    below = overlay_mask(images, entry.concept_mask(label), dim=0.4, color=CONCEPT_OUTLINE)
+    above = overlay_mask(images, masks, dim=0.4)
+    for j in range(3):
+        x = j * (W + 2)
+        assert np.array_equal(picture[:H, x:x + W], above[j])
+        assert np.array_equal(picture[H + 2:, x:x + W], below[j])
+    assert not np.array_equal(above, below)  # two different masks, not one drawn twice

@@ -150,13 +150,19 @@ def drawn_units(d, layer, min_iou, top_units=20, all_units=False) -> list[int]:
 
 
 def _unit_strips(session, layer, units, k, chunk=16):
-    """{unit: (H, k*W + gaps, 3) uint8}: top samples darkened outside the unit's mask, in a row."""
-    from gandissect_widgets.engine.imaging import overlay_mask, strip
+    """{unit: (2H + gap, k*W + gaps, 3) uint8}: top samples darkened outside the unit's mask, in a
+    row, over the same samples darkened outside the segmenter's mask of the unit's label (outlined
+    in the galleries' concept colour): whether the unit's mask is the concept's shows at a glance."""
+    from gandissect_widgets.engine.imaging import grid, overlay_mask
+    from gandissect_widgets.report.figures import CONCEPT_OUTLINE
+    label = session.dissection.unit_label_ids(layer)
     out = {}
     for i in range(0, len(units), chunk):
         gal = session.unit_gallery(layer, units[i:i + chunk], k=k)
-        for u, (images, masks, _) in gal.items():
-            out[u] = strip(overlay_mask(images, masks, dim=0.4))
+        for u, entry in gal.items():
+            images, masks, _ = entry
+            concept = overlay_mask(images, entry.concept_mask(label[u]), dim=0.4, color=CONCEPT_OUTLINE)
+            out[u] = grid(np.concatenate([overlay_mask(images, masks, dim=0.4), concept]), cols=len(images))
     return out
 
 
@@ -215,9 +221,10 @@ def _layer_section(d, layer, min_iou, strips):
         pic = ""
         if u in strips:  # small generator outputs are shown enlarged (crisp pixels)
             uri, h, w = strips[u]
-            scale = max(1, min(3, 128 // max(h, 1)))
+            scale = max(1, min(3, 128 // max((h - 2) // 2, 1)))  # two rows of samples, 2 px apart
             pic = (f"<img class='strip' src='{uri}' width='{w * scale}' height='{h * scale}' "
-                   f"alt='top samples of {_e(layer)} unit {u}'>")
+                   f"alt='top samples of {_e(layer)} unit {u}: its mask (top row), the segmenter&#39;s "
+                   f"{_e(label)} (bottom row)'>")
         cards.append(
             f"<div class='card{' interp' if interp[u] else ''}' data-unit='{u}' data-iou='{float(ious[u])!r}' "
             f"data-concept='{_e(label)}' data-interpretable='{int(interp[u])}'>"
