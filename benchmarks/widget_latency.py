@@ -1,13 +1,20 @@
-"""Latency from a state change to the new image bytes, for the ablation panel and the paint canvas.
+"""Latency from a state change to the new image bytes, for the ablation panel and the paint canvas;
+and from Run All of the tour notebook to its last view shown, in a real browser.
 
     python benchmarks/widget_latency.py [--generator sceneworld] [--layer layer4] [--samples 8] [--device cpu]
-                                        [--fresh 5] [--repeats 30]
+                                        [--fresh 5] [--repeats 30] [--tour-runs 3 | --no-browser | --tour-only]
 
 First insertion: in a fresh Session (insertion values not computed yet), switching the ablation
 panel to "insert", and a first paint stroke with a concept never used before, until the edited
 pictures are set; the progress line must show meanwhile (targets: median <= 2 s on an idle 2-core
 CPU).  Steady state: a unit toggled in the ablation panel (target median <= 60 ms) and a stroke's
 mouse-up (<= 30 ms), until the new PNG bytes are set.  Prints medians and 90th percentiles.
+
+Run All: notebooks/tour.ipynb in JupyterLab 4 and Chromium (tests/lab.py, the launcher of the
+browser tests), with a warm cache (the tour's dissection on disk, one Run All before the timed
+ones): each timed run opens the notebook on a fresh kernel, clicks Run > Run All Cells, and stops
+the clock when the last of its five views is shown (every picture not hidden has its bytes, no
+view busy or showing progress, the kernel idle).
 """
 import argparse
 import os
@@ -20,8 +27,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import gandissect_widgets as gw  # noqa: E402
+import lab as jl  # noqa: E402  (tests/lab.py: the JupyterLab launcher of the browser tests)
 from gandissect_widgets.widgets import AblationPanel, PaintWidget  # noqa: E402
+
+TOUR = os.path.join(jl.ROOT, "notebooks", "tour.ipynb")
+TOUR_VIEWS = 5  # UnitBrowser, IouRanking, AblationPanel, PaintWidget, LayerSummary
 
 
 def stamp_when_shown(view, name="_show"):
@@ -47,7 +59,13 @@ def main():
     p.add_argument("--fresh", type=int, default=5, help="fresh sessions for the first-insertion figures")
     p.add_argument("--dissect-samples", type=int, default=300)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tour-runs", type=int, default=3, help="timed Run All of the tour in a real browser")
+    p.add_argument("--no-browser", action="store_true", help="leave out the Run All figure")
+    p.add_argument("--tour-only", action="store_true", help="only the Run All figure")
     a = p.parse_args()
+    if a.tour_only:
+        print(f"load: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
+        return tour_run_all(a)
     G = gw.load_generator(a.generator, device=a.device)
     S = gw.load_segmenter(a.segmenter or a.generator, device=a.device)
     names = [n for n, _ in G.named_children() if n.startswith("layer")]
@@ -64,6 +82,8 @@ def main():
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1, 5, 15 min)")
     first_insertions(a, G, S, s.dissection, layer, concept)
     steady(a, s, layer, concept)
+    if not a.no_browser:
+        tour_run_all(a)
 
 
 def progress_seen(view):
@@ -156,6 +176,39 @@ def steady(a, s, layer, concept):
     ms = np.array(times) * 1000
     print(f"paint stroke (mouse-up) -> result bytes: median {np.median(ms):.1f} ms, p90 {np.percentile(ms, 90):.1f} ms "
           f"(n={len(ms)})")
+
+
+def tour_run_all(a):
+    """Run All of the tour to its last view shown, in JupyterLab and Chromium, warm cache."""
+    why = jl.missing()
+    if why:
+        print(f"Run All of notebooks/tour.ipynb: skipped ({why})")
+        return
+    import tempfile
+    import pathlib
+    import jupyterlab
+    with tempfile.TemporaryDirectory(prefix="gd-tour-") as work, \
+            jl.jupyterlab(pathlib.Path(work), [TOUR]) as server, jl.chromium(1500, 1100) as page:
+        version = page.context.browser.version
+        times = []
+        for run in range(a.tour_runs + 1):  # the first warms the cache and the kernel's imports up
+            server.shut_down_kernels()
+            if run:
+                browser = page.context.browser
+                page.close()
+                page = browser.new_page(viewport={"width": 1500, "height": 1100})  # the notebook as on disk:
+                page.set_default_timeout(60_000)                                   # no outputs, a fresh kernel
+            jl.open_notebook(page, server, "tour.ipynb")
+            load = os.getloadavg()[0]
+            t0 = jl.run_all(page)
+            shown = jl.wait_views_shown(page, TOUR_VIEWS)
+            if run:
+                times.append(shown - t0)
+                print(f"  Run All {run}: {shown - t0:.1f} s (load {load:.2f} when it started)")
+        server.shut_down_kernels()
+    print(f"Run All of notebooks/tour.ipynb -> last widget visible (warm cache; JupyterLab {jupyterlab.__version__}, "
+          f"Chromium {version}, 1500x1100): median {statistics.median(times):.1f} s, max {max(times):.1f} s "
+          f"(n={len(times)}); load {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
 
 
 if __name__ == "__main__":

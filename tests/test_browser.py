@@ -1,122 +1,73 @@
 """The tour in a real JupyterLab 4 in Chromium: what a user sees, asserted.
 
-One JupyterLab server and one page for the module; the tests run in this order and share it:
-Run All; the first stroke (the kernel's first insertion) shows progress and changes the picture;
-an ablation toggle re-renders; 50 rapid strokes alternating draw/erase are stored as drawn and the
-picture equals a fresh render; every view fits its output area at 1600, 1500 and 1100 px, in the
-light and the dark theme; the notebook saved with its widget state and reopened without its kernel
-shows the last pictures and readable unit labels.
+One JupyterLab server and one page for the module (tests/lab.py starts them, as it does for
+benchmarks/widget_latency.py); the tests run in this order and share it: Run All; the first
+stroke (the kernel's first insertion) shows progress and changes the picture; an ablation toggle
+re-renders; 50 rapid strokes alternating draw/erase are stored as drawn and the picture equals a
+fresh render; every view fits its output area at 1600, 1500 and 1100 px, in the light and the
+dark theme; charts and keys show their theme's copy on a transparent background with readable
+text, in the same colours in both themes (a concept's colour in LayerSummary); no white seams
+between the scenes of strips and grids in the dark theme; every line of the ablation panel's
+wrapped sample columns names its rows, in ablate and insert mode; the notebook saved with its
+widget state and reopened without its kernel shows the last pictures and readable unit labels;
+the teaching notebook's figure cells show pictures.
 
-Screenshots of every view are kept in test-artifacts/ ({theme}_{width}_{view}.png; look at them).
+Screenshots of every view are kept in test-artifacts/ ({theme}_{width}_{view}.png, the ablation
+panel in insert mode as {theme}_{width}_ablation_insert.png, the teaching notebook's figures as
+{theme}_{width}_teaching_{n}.png; look at them).
 Skips, with the reason, only where Chromium or Playwright is absent; .ci/run installs both.
 """
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARTIFACTS = os.path.join(ROOT, "test-artifacts")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+import lab as jl  # the JupyterLab launcher, shared with benchmarks/widget_latency.py
+
+ARTIFACTS = os.path.join(jl.ROOT, "test-artifacts")
 # the views, by the constructor in their cell: (screenshot name, a selector inside the cell's output)
 VIEWS = {"UnitBrowser(": "browser", "IouRanking(": "ranking", "AblationPanel(": "ablation",
          "PaintWidget(": "paint", "LayerSummary(": "summary"}
 SCENE = 128  # CSS px: SceneWorld's 64x64 scenes are never shown below 2x
-DARK, LIGHT = "JupyterLab Dark", "JupyterLab Light"
+DARK, LIGHT = jl.DARK, jl.LIGHT
 RAPID_BLOCKS, RAPID_STROKES = 5, 10
 
-playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-if CHROMIUM is None:
-    pytest.skip("Chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+if jl.missing():
+    pytest.skip(jl.missing(), allow_module_level=True)
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("lab")
-    shutil.copy(os.path.join(ROOT, "notebooks", "tour.ipynb"), work / "tour.ipynb")
-    port, token = free_port(), secrets.token_hex(16)
-    settings = work / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    docs = work / "settings" / "@jupyterlab" / "docmanager-extension"
-    docs.mkdir(parents=True)
-    (docs / "plugin.jupyterlab-settings").write_text('{"autosave": false}')  # the test saves when it means to
-    widgets = work / "settings" / "@jupyter-widgets" / "jupyterlab-manager"
-    widgets.mkdir(parents=True)
-    (widgets / "plugin.jupyterlab-settings").write_text('{"saveState": true}')  # Settings > Save Widget State
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(work / "config"), JUPYTER_RUNTIME_DIR=str(work / "runtime"),
-               JUPYTERLAB_WORKSPACES_DIR=str(work / "workspaces"), JUPYTERLAB_SETTINGS_DIR=str(work / "settings"))
-    log = open(work / "lab.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", "--allow-root",
-                             f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
-                             f"--ServerApp.root_dir={work}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                             "--LabApp.extension_manager=readonly",
-                             "--LabApp.expose_app_in_browser=True"],  # window.jupyterapp: theme, kernel probes
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("JupyterLab did not start: " + open(work / "lab.log").read()[-3000:])
-            time.sleep(0.5)
-    yield url, token, work
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with jl.jupyterlab(work, [os.path.join(jl.ROOT, "notebooks", "tour.ipynb")]) as server:
+        yield server
 
 
 class Tour:
     """The page with the tour run, shared by the tests (in file order), and what they leave."""
 
-    def __init__(self, page, url, token, work, errors):
-        self.page, self.url, self.token, self.work, self.errors = page, url, token, work, errors
+    def __init__(self, page, lab, errors):
+        self.page, self.lab, self.errors = page, lab, errors
+        self.url, self.token, self.work = lab.url, lab.token, lab.work
         self.strokes = []  # (mode, image x, image y) of every stroke drawn, in order
 
 
 @pytest.fixture(scope="module")
 def tour(lab):
-    url, token, work = lab
     os.makedirs(ARTIFACTS, exist_ok=True)
     errors = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.set_default_timeout(60_000)
-        page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-        t = Tour(page, url, token, work, errors)
+    with jl.chromium(1500, 1100, errors) as page:
+        t = Tour(page, lab, errors)
         try:
             run_all(t)
         except Exception:
             page.screenshot(path=os.path.join(ARTIFACTS, "failure.png"))
-            browser.close()
             raise
         yield t
-        browser.close()
 
 
 @pytest.fixture
@@ -132,28 +83,11 @@ def shot_on_failure(tour, request):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def accept_kernel_dialog(page):
-    try:  # JupyterLab may ask which kernel to start
-        page.wait_for_selector(".jp-Dialog .jp-mod-accept", timeout=8_000)
-        page.click(".jp-Dialog .jp-mod-accept")
-    except playwright.TimeoutError:
-        pass
-
-
 def img_src(page, selector):
     return page.eval_on_selector(selector, "e => e.getAttribute('src')")
 
 
-def wait_or_traceback(page, selector, timeout):
-    """Wait for ``selector`` to be attached; fail at once, with its text, if a cell shows a
-    Python traceback instead (Run All stops at an error, and the widgets would never come)."""
-    found = page.wait_for_function("""s => {
-        if (document.querySelector(s)) return 'ok';
-        for (const e of document.querySelectorAll('.jp-OutputArea-output')) {
-            if (e.textContent.includes('Traceback (most recent call last)')) return e.textContent;
-        }
-        return false; }""", arg=selector, timeout=timeout, polling=500).json_value()
-    assert found == "ok", f"a cell failed while waiting for {selector}:\n{found[-3000:]}"
+wait_or_traceback = jl.wait_or_traceback
 
 
 def wait_src_change(page, selector, old, timeout=60_000):
@@ -195,13 +129,7 @@ def kernel(page, code):
 PAINT = "import gc as _gc\npaint = [o for o in _gc.get_objects() if type(o).__name__ == 'PaintWidget'][0]\n"
 
 
-def set_theme(page, theme):
-    page.evaluate("t => window.jupyterapp.commands.execute('apputils:change-theme', {theme: t})", theme)
-    light = "false" if theme == DARK else "true"
-    page.wait_for_function("l => document.body.dataset.jpThemeLight === l && document.body.dataset.jpThemeName",
-                           arg=light, timeout=60_000)
-    page.wait_for_function("n => document.body.dataset.jpThemeName === n", arg=theme, timeout=60_000)
-    page.wait_for_timeout(500)  # the theme's stylesheet applies
+set_theme = jl.set_theme
 
 
 def view_selector(name):
@@ -231,7 +159,7 @@ def images_loaded(page, scope=".gandissect-view"):
     try:
         page.wait_for_function("""s => [...document.querySelectorAll(s + ' img')]
             .every(i => !i.getAttribute('src') || (i.complete && i.naturalWidth > 0))""", arg=scope, timeout=30_000)
-    except playwright.TimeoutError:
+    except PlaywrightTimeout:
         bad = page.evaluate("""s => [...document.querySelectorAll(s + ' img')]
             .filter(i => i.getAttribute('src') && !(i.complete && i.naturalWidth > 0))
             .map(i => i.className + ' ' + i.getAttribute('src').slice(0, 40) + ' complete=' + i.complete)""", scope)
@@ -311,6 +239,131 @@ WHITE_BOXES = r"""async sel => {
 }"""
 
 
+# Seams: rows or columns of white across a picture made of several (the gaps of strips and grids,
+# filled with white by default), which in a dark theme cut the scenes apart with white lines.
+SEAMS = r"""async ([sel, scene]) => {
+    const v = document.querySelector(sel), found = [];
+    for (const i of v.querySelectorAll('img')) {
+        if (!i.checkVisibility() || !i.naturalWidth || i.classList.contains('gd-chart')) continue;
+        if (i.naturalWidth < 1.5 * scene && i.naturalHeight < 1.5 * scene) continue;  // one scene: no gaps
+        const W = i.naturalWidth, H = i.naturalHeight, c = document.createElement('canvas');
+        c.width = W; c.height = H;
+        const g = c.getContext('2d');
+        g.drawImage(i, 0, 0);
+        const d = g.getImageData(0, 0, W, H).data;
+        const light = k => d[k + 3] > 200 && d[k] > 200 && d[k + 1] > 200 && d[k + 2] > 200;
+        let cols = 0, rows = 0;
+        for (let x = 0; x < W; x++) { let n = 0; for (let y = 0; y < H; y++) if (light(4 * (y * W + x))) n++; if (n >= 0.9 * H) cols++; }
+        for (let y = 0; y < H; y++) { let n = 0; for (let x = 0; x < W; x++) if (light(4 * (y * W + x))) n++; if (n >= 0.9 * W) rows++; }
+        if (cols || rows) found.push(`img.${[...i.classList].join('.')} (${W}x${H}): ${cols} white columns, ${rows} white rows`);
+    }
+    return found; }"""
+
+# Charts and keys as shown: the theme's copy, through no CSS filter, on a transparent background,
+# their text and axes (the ink: the most common grey of the half transparent pixels, glyphs and
+# lines drawn over nothing) in a colour that reads on the cell's background (WCAG contrast >= 4.5);
+# and the colours they are drawn in (opaque, saturated pixels), to compare between the themes.
+CHARTS = r"""async ([sel, dark]) => {
+    const v = document.querySelector(sel), problems = [], charts = [];
+    const bgOf = e => { for (; e; e = e.parentElement) {
+        const m = getComputedStyle(e).backgroundColor.match(/[\d.]+/g);
+        if (m && (m.length < 4 || +m[3] > 0.5)) return m.slice(0, 3).map(Number); } return [255, 255, 255]; };
+    const lum = rgb => rgb.map(c => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; })
+        .reduce((s, c, k) => s + c * [0.2126, 0.7152, 0.0722][k], 0);
+    const contrast = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+    for (const i of v.querySelectorAll('img.gd-chart')) {
+        if (!i.checkVisibility() || !i.naturalWidth) continue;
+        const name = [...i.classList].filter(c => c.startsWith('gd-')).join('.'), filter = getComputedStyle(i).filter;
+        if (filter !== 'none') problems.push(`${name}: shown through a CSS filter (${filter}), not in the colours drawn`);
+        if (!i.classList.contains(dark ? 'gd-for-dark' : 'gd-for-light')) problems.push(`${name}: the other theme's copy shows`);
+        const W = i.naturalWidth, H = i.naturalHeight, c = document.createElement('canvas');
+        c.width = W; c.height = H;
+        const g = c.getContext('2d');
+        g.filter = filter;
+        g.drawImage(i, 0, 0);
+        const d = g.getImageData(0, 0, W, H).data, colours = {}, greys = new Array(32).fill(0);
+        let clear = 0;
+        for (let k = 0; k < d.length; k += 4) {
+            const a = d[k + 3], mx = Math.max(d[k], d[k + 1], d[k + 2]), mn = Math.min(d[k], d[k + 1], d[k + 2]);
+            if (a < 10) clear++;
+            else if (a === 255 && mx - mn > 60) { const key = `${d[k]},${d[k + 1]},${d[k + 2]}`; colours[key] = (colours[key] || 0) + 1; }
+            else if (a > 30 && a < 255 && mx - mn < 16) greys[mx >> 3]++;
+        }
+        const bg = bgOf(i.parentElement), level = greys.indexOf(Math.max(...greys)) * 8 + 4;
+        const ink = bg.map(b => 0.87 * level + 0.13 * b), ratio = contrast(ink, bg), share = clear / (W * H);
+        if (share < 0.3) problems.push(`${name}: ${(100 * share).toFixed(0)}% transparent: a box of its own colour`);
+        if (!(ratio >= 4.5)) problems.push(`${name}: text and axes ${ink.map(Math.round)} on ${bg}: contrast ${ratio.toFixed(1)} < 4.5`);
+        const big = Object.fromEntries(Object.entries(colours).filter(([, n]) => n >= 150));
+        charts.push({name, size: [W, H], colours: big, ink: ink.map(Math.round), bg, contrast: ratio});
+    }
+    return {problems, charts}; }"""
+
+# The ablation panel's rows (original, edited, difference): on every line of sample columns the
+# first column's row names show, beside their pictures; the others' stay hidden under pictures.
+ROW_NAMES = r"""sel => {
+    const v = document.querySelector(sel), problems = [], lines = new Map();
+    for (const c of v.querySelectorAll('.gd-sample')) {
+        if (!c.checkVisibility()) continue;
+        const top = Math.round(c.querySelector('.gd-sample-pictures').getBoundingClientRect().top + window.scrollY);
+        if (!lines.has(top)) lines.set(top, []);
+        lines.get(top).push(c);
+    }
+    let n = 0;
+    for (const line of lines.values()) {
+        n++;
+        line.sort((a, b) => a.getBoundingClientRect().left - b.getBoundingClientRect().left);
+        line[0].scrollIntoView({block: 'center'});
+        line.forEach((c, j) => {
+            const pictures = [...c.querySelectorAll('.gd-sample-pictures img')];
+            [...c.querySelectorAll('.gd-sample-label')].forEach((label, r) => {
+                const range = document.createRange();
+                range.selectNodeContents(label);
+                const t = range.getBoundingClientRect(), p = pictures[r].getBoundingClientRect(), y = t.top + t.height / 2;
+                const seen = [t.left + 1, t.left + t.width / 2, t.right - 1].map(x => {
+                    const hit = document.elementFromPoint(x, y);
+                    return !!hit && label.contains(hit); });
+                const what = `line ${n} column ${j + 1}: "${label.textContent.trim()}"`;
+                if (j === 0) {
+                    const text = document.createRange(), box = label.getBoundingClientRect();
+                    text.selectNodeContents(label.querySelector('b') || label);
+                    if (new Set([...text.getClientRects()].map(r => Math.round(r.top))).size > 1)
+                        problems.push(`${what} broken over lines`);
+                    if (label.scrollWidth > label.clientWidth + 1 || t.right > box.right + 0.5) problems.push(`${what} clipped`);
+                    if (!seen.every(Boolean)) problems.push(`${what} not visible (covered: ${seen})`);
+                    if (t.top < p.top - 1 || t.bottom > p.bottom + 1) problems.push(`${what} not beside its pictures`);
+                    if (t.right > p.left) problems.push(`${what} runs into its pictures`);
+                    if (t.width < 10) problems.push(`${what} has no text`);
+                } else if (seen.some(Boolean)) problems.push(`${what} shows between the pictures`);
+            });
+        });
+    }
+    return {problems, lines: n, columns: [...lines.values()].map(l => l.length)}; }"""
+
+
+def theme_checks(page, theme, width):
+    """What the theme must show in every view: charts (``CHARTS``), no white seams in the dark
+    theme (``SEAMS``), the ablation panel's row names (``ROW_NAMES``); (problems, charts by view)."""
+    problems, charts = [], {}
+    for name in VIEWS.values():
+        sel = view_selector(name)
+        page.locator(sel).scroll_into_view_if_needed()
+        got = page.evaluate(CHARTS, [sel, theme == "dark"])
+        problems += [f"{theme} {width}px {name}: {p}" for p in got["problems"]]
+        charts[name] = got["charts"]
+        if theme == "dark":
+            problems += [f"{theme} {width}px {name}: white seams in {p}" for p in page.evaluate(SEAMS, [sel, SCENE])]
+    problems += row_names(page, theme, width)
+    return problems, charts
+
+
+def row_names(page, theme, width):
+    got = page.evaluate(ROW_NAMES, view_selector("ablation"))
+    problems = [f"{theme} {width}px ablation: {p}" for p in got["problems"]]
+    if width <= 1100 and got["lines"] < 2:  # the tour's 8 samples wrap there: the check must see it
+        problems.append(f"{theme} {width}px ablation: the sample columns did not wrap ({got['columns']})")
+    return problems
+
+
 def check_layout(page, theme, width, shots=True):
     """Lay the tour out at ``width``; every view: screenshot and its problems."""
     page.set_viewport_size({"width": width, "height": 1100})
@@ -347,14 +400,8 @@ def click_mode(page, mode):
 
 def run_all(t):
     page = t.page
-    page.goto(f"{t.url}/lab/tree/tour.ipynb?token={t.token}")
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-    accept_kernel_dialog(page)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands", timeout=60_000)
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
-    page.locator("li.lm-Menu-item", has=page.locator(".lm-Menu-itemLabel",
-                                                      has_text=re.compile("^Run All Cells$"))).click()
+    jl.open_notebook(page, t.lab, "tour.ipynb")
+    jl.run_all(page)
     for selector in (".gd-ablation img.gd-edited[src]", "canvas.gd-paint-canvas", ".gd-paint img.gd-paint-result[src]",
                      ".gd-browser .gd-unit-card img[src]", ".gd-browser .gd-panel img[src]"):
         wait_or_traceback(page, selector, timeout=300_000)
@@ -482,7 +529,9 @@ def show_unit_detail(page):
 def test_layout_light(shot_on_failure):
     """Every view fits its output area; scenes at 2x or more, not squeezed, aspect kept;
     readouts and button labels whole; the unit browser's grid holds as many columns as fit and
-    its detail goes below when narrow; pressed unit toggles stand out."""
+    its detail goes below when narrow; pressed unit toggles stand out; charts and keys on a
+    transparent background with readable text; every line of the ablation panel's wrapped sample
+    columns names its rows."""
     page = shot_on_failure.page
     set_theme(page, LIGHT)
     show_unit_detail(page)
@@ -503,6 +552,8 @@ def test_layout_light(shot_on_failure):
             problems.append(f"light {width}px browser: the detail sits beside a grid that has no room")
         if width == 1100 and beside:
             problems.append(f"light {width}px browser: the detail is not below the grid in {area}px")
+        if width != 1500:
+            problems += theme_checks(page, "light", width)[0]
     problems += toggle_contrast(page, "light")
     assert not problems, "\n".join(problems)
 
@@ -549,27 +600,88 @@ def shoot(page, locator, path, width):
 
 
 def test_layout_dark(shot_on_failure):
-    """The dark theme: charts inverted, pressed toggles clear, no large white boxes."""
+    """The dark theme: the charts' and keys' dark copies, through no filter, transparent, with
+    light text; their colours (a concept's in LayerSummary, the selected units' in IouRanking, the
+    keys' ramps) the very ones of the light theme; no white seams between the scenes of strips and
+    grids; pressed toggles clear; no large white boxes; row names on every line of samples."""
     page = shot_on_failure.page
-    set_theme(page, DARK)
+    set_theme(page, LIGHT)
     show_unit_detail(page)
+    page.set_viewport_size({"width": 1600, "height": 1100})
+    page.wait_for_timeout(600)
+    light = theme_checks(page, "light", 1600)[1]
+    set_theme(page, DARK)
     try:
         problems = []
         for width in (1600, 1100):
             problems += check_layout(page, "dark", width)[0]
+            got, charts = theme_checks(page, "dark", width)
+            problems += got
             for name in VIEWS.values():
                 sel = view_selector(name)
                 page.locator(sel).scroll_into_view_if_needed()
                 problems += [f"dark {width}px {name}: {p}" for p in page.evaluate(WHITE_BOXES, sel)]
-        filters = page.evaluate("""() => [...document.querySelectorAll('.gandissect-view img.gd-chart')]
-            .map(i => [i.classList.contains('gd-key'), getComputedStyle(i).filter])""")
-        charts, keys = [f for k, f in filters if not k], [f for k, f in filters if k]
-        assert charts and all("invert" in f for f in charts), filters  # dark-on-white charts inverted
-        assert len(keys) >= 2 and not any("invert" in f for f in keys), filters  # keys match the pictures
+                if width != 1600:
+                    continue
+                if [c["name"] for c in charts[name]] != [c["name"].replace("gd-for-light", "gd-for-dark")
+                                                         for c in light[name]]:
+                    problems.append(f"dark {name}: charts {[c['name'] for c in charts[name]]}, "
+                                    f"light {[c['name'] for c in light[name]]}")
+                    continue
+                for d, l in zip(charts[name], light[name]):
+                    if d["colours"] != l["colours"]:  # the same layout: the same pixels, colour for colour
+                        problems.append(f"dark {name} {d['name']}: drawn in {sorted(d['colours'])}, "
+                                        f"in the light theme {sorted(l['colours'])}")
+        summary = [c for c in light["summary"] if "gd-key" not in c["name"]]
+        assert summary and len(summary[0]["colours"]) >= 4, summary  # a concept, a colour: there to compare
+        assert light["ablation"] and light["browser"], light  # keys compared too (difference, heat maps)
         problems += toggle_contrast(page, "dark")
         assert not problems, "\n".join(problems)
     finally:
         set_theme(page, LIGHT)
+
+
+def test_insert_mode(shot_on_failure):
+    """The ablation panel in insert mode, in both themes and widths: it fits, its rows are
+    named on every line, its key is the theme's; then back to ablate."""
+    page = shot_on_failure.page
+    panel = page.locator(view_selector("ablation"))
+
+    def mode(name):
+        panel.scroll_into_view_if_needed()
+        before = img_src(page, ".gd-ablation img.gd-edited")
+        page.locator(".gd-ablation .widget-toggle-button", has_text=re.compile(f"^{name}$")).click()
+        wait_src_change(page, ".gd-ablation img.gd-edited", before)
+        page.wait_for_function("() => getComputedStyle(document.querySelector('.gd-ablation .gd-progress')).display === 'none'"
+                               " && !document.querySelector('.gd-ablation').textContent.includes('rendering…')",
+                               timeout=60_000)
+        images_loaded(page, view_selector("ablation"))
+
+    mode("insert")
+    problems = []
+    try:
+        for theme in ("dark", "light"):  # ends in the light theme, as the tests after it expect
+            set_theme(page, LIGHT if theme == "light" else DARK)
+            for width in (1600, 1100):
+                page.set_viewport_size({"width": width, "height": 1100})
+                page.wait_for_timeout(600)
+                panel.scroll_into_view_if_needed()
+                images_loaded(page, view_selector("ablation"))
+                got = page.evaluate(LAYOUT, [view_selector("ablation"), SCENE])
+                problems += [f"{theme} {width}px ablation (insert): {p}" for p in got["problems"]]
+                problems += row_names(page, theme, width)
+                charts = page.evaluate(CHARTS, [view_selector("ablation"), theme == "dark"])
+                problems += [f"{theme} {width}px ablation (insert): {p}" for p in charts["problems"]]
+                if theme == "dark":
+                    problems += [f"dark {width}px ablation (insert): white seams in {p}"
+                                 for p in page.evaluate(SEAMS, [view_selector("ablation"), SCENE])]
+                shoot(page, panel, os.path.join(ARTIFACTS, f"{theme}_{width}_ablation_insert.png"), width)
+        assert "insert" in page.locator(".gd-ablation").first.text_content()
+    finally:
+        set_theme(page, LIGHT)
+        page.set_viewport_size({"width": 1500, "height": 1100})
+        mode("ablate")
+    assert not problems, "\n".join(problems)
 
 
 def test_reopened_notebook(shot_on_failure):
@@ -577,7 +689,7 @@ def test_reopened_notebook(shot_on_failure):
     shows the last edited images and the painted picture, unit labels are readable; every view's
     output also carries a static PNG."""
     t = shot_on_failure
-    page, url, token, work = t.page, t.url, t.token, t.work
+    page, work = t.page, t.work
     page.set_viewport_size({"width": 1500, "height": 1100})
     edited = img_sha256(page, ".gd-ablation img.gd-edited")
     picture = img_sha256(page, ".gd-paint img.gd-paint-picture")
@@ -607,13 +719,10 @@ def test_reopened_notebook(shot_on_failure):
              for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})}
     for name in ("UnitBrowser", "IouRanking", "AblationPanel", "PaintWidget", "LayerSummary"):
         assert views[name]["image/png"], name
-    sessions = json.loads(urllib.request.urlopen(f"{url}/api/sessions?token={token}", timeout=10).read())
-    for s in sessions:
-        req = urllib.request.Request(f"{url}/api/sessions/{s['id']}?token={token}", method="DELETE")
-        urllib.request.urlopen(req, timeout=30)
+    t.lab.shut_down_kernels()
     page.reload()
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-    accept_kernel_dialog(page)
+    jl.accept_kernel_dialog(page)
     page.wait_for_selector(".gd-ablation img.gd-edited[src]", state="attached", timeout=120_000)
     page.wait_for_selector(".gd-paint img.gd-paint-picture[src]", state="attached", timeout=60_000)
     panel = page.locator(".gd-ablation").first
@@ -633,12 +742,13 @@ def test_reopened_notebook(shot_on_failure):
                     mark: before.content, position: before.position,
                     inside: text.every(t => t.left >= r.left - 0.5 && t.right <= r.right + 0.5)}; })""")
     assert labels, "no unit toggles after reopening"
-    for lab in labels:
-        assert lab["text"], lab
-        assert lab["sw"] <= lab["cw"] + 1 and lab["sh"] <= lab["ch"] + 1 and lab["inside"], f"label clipped: {lab}"
-        if lab["disconnected"] and lab["mark"] not in ("none", "normal"):
-            assert lab["position"] == "absolute", f"the disconnected mark sits in the label's text: {lab}"
-    assert any(lab["disconnected"] for lab in labels), labels  # what this checks: a view without its kernel
+    for label in labels:
+        assert label["text"], label
+        assert label["sw"] <= label["cw"] + 1 and label["sh"] <= label["ch"] + 1 and label["inside"], \
+            f"label clipped: {label}"
+        if label["disconnected"] and label["mark"] not in ("none", "normal"):
+            assert label["position"] == "absolute", f"the disconnected mark sits in the label's text: {label}"
+    assert any(label["disconnected"] for label in labels), labels  # what this checks: a view without its kernel
     paint = page.locator(".gd-paint").first
     paint.scroll_into_view_if_needed()
     page.wait_for_function("s => { const e = document.querySelector(s); return e && e.complete && e.naturalWidth > 0; }",
@@ -665,6 +775,58 @@ def model_refs(value, state, seen=None):
         for v in value:
             missing |= model_refs(v, state, seen)
     return missing
+
+
+TEACHING_FIGURES = ("image_grid_figure(", "unit_histogram_figure(maps")  # sections 2 and 3
+
+
+def test_teaching_figures(shot_on_failure, lab):
+    """The teaching notebook's figure cells (activation maps, threshold histogram), run in the
+    lab: each shows a picture, never "<Figure size ...>"; screenshots in both themes and widths."""
+    page = shot_on_failure.page
+    shutil.copy(os.path.join(jl.ROOT, "notebooks", "teaching.ipynb"), lab.work / "teaching.ipynb")
+    jl.open_notebook(page, lab, "teaching.ipynb")
+    cells = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets.map(c => c.model.sharedModel.source)")
+    figures = [next(i for i, c in enumerate(cells) if marker in c) for marker in TEACHING_FIGURES]
+    panel = page.evaluate("() => window.jupyterapp.shell.currentWidget.node.id")  # the tour's tab stays open
+    # Run > Run All Above Selected Cell, once JupyterLab enables it for this notebook
+    page.wait_for_function("""n => { const app = window.jupyterapp, nb = app.shell.currentWidget.content;
+        nb.activeCellIndex = n;
+        return app.commands.isEnabled('notebook:run-all-above') && nb.activeCellIndex === n; }""",
+                           arg=max(figures) + 1, timeout=60_000, polling=500)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-above')")
+    page.wait_for_function("ns => ns.every(n => window.jupyterapp.shell.currentWidget.content.widgets[n].model.executionCount"
+                           " || window.jupyterapp.shell.currentWidget.content.widgets[n].node.querySelector('.jp-InputPrompt')"
+                           ".textContent.includes('*'))", arg=figures, timeout=60_000, polling=500)  # queued or run
+    try:
+        page.wait_for_function("""ns => ns.every(n => { const c = window.jupyterapp.shell.currentWidget.content.widgets[n];
+            return c.model.executionCount && c.node.querySelector('.jp-OutputArea-output img'); })
+            || [...document.querySelectorAll('.jp-OutputArea-output')].some(e => e.textContent.includes('Traceback'))""",
+                               arg=figures, timeout=1_200_000, polling=1000)
+        problems = []
+        for theme in ("light", "dark"):
+            set_theme(page, LIGHT if theme == "light" else DARK)
+            for width in (1600, 1100):
+                page.set_viewport_size({"width": width, "height": 1100})
+                page.wait_for_timeout(600)
+                for k, n in enumerate(figures):
+                    page.evaluate("n => window.jupyterapp.shell.currentWidget.content.widgets[n].node.scrollIntoView()", n)
+                    out = page.locator(f"[id='{panel}'] .jp-Notebook .jp-Cell").nth(n).locator(".jp-OutputArea")
+                    got = out.evaluate("""e => ({text: e.textContent, tb: e.textContent.includes('Traceback'),
+                        images: [...e.querySelectorAll('img')].map(i => [i.naturalWidth, i.naturalHeight,
+                            i.getBoundingClientRect().width, i.closest('.jp-OutputArea-output').clientWidth])})""")
+                    what = f"{theme} {width}px teaching figure {k + 1} (cell {n})"
+                    if got["tb"] or not got["images"] or "<Figure size" in got["text"]:
+                        problems.append(f"{what}: no picture: {got['text'][-500:]}")
+                    for nw, nh, w, room in got["images"]:
+                        if not nw or w > room + 1:
+                            problems.append(f"{what}: picture {nw}x{nh} shown {w}px wide in {room}px")
+                    out.screenshot(path=os.path.join(ARTIFACTS, f"{theme}_{width}_teaching_{k + 1}.png"))
+        assert not problems, "\n".join(problems)
+    finally:
+        set_theme(page, LIGHT)
+        page.set_viewport_size({"width": 1500, "height": 1100})
+        lab.shut_down_kernels()
 
 
 def test_no_browser_errors(tour):

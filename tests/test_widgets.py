@@ -1,6 +1,5 @@
 """Model-state tests of the widgets (no browser): construct, drive, assert session and bytes."""
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -243,6 +242,53 @@ def test_static_picture_beside_every_widget(session):
     s.dissect(["layer1"], n_samples=50, progress=False)
     empty = LayerSummary(s)
     assert empty.snapshot_png() is not None
+
+
+def _rgba(png):
+    import io
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")).astype(int)
+
+
+def test_pictures_suit_the_light_and_the_dark_theme(session):
+    """Strips and grids have transparent gaps (the view's background shows between scenes, in
+    any theme: no white seams); every chart and key comes as a light and a dark theme's PNG of
+    one layout on a transparent background, their data in the very same colours (a concept's, a
+    key's ramp), only the ink of text and axes differing: dark on light, light on dark."""
+    from gandissect_widgets.widgets.base import Chart
+    b = UnitBrowser(session, per_page=3)
+    assert b.wait()
+    b.click(0)
+    a, r, l = AblationPanel(session), IouRanking(session), LayerSummary(session)
+    for v in (b, a, r, l):
+        assert v.wait() and v.last_error is None
+    card = _rgba(b.visible_cards()[0].children[0].value)
+    w = card.shape[1]
+    gaps = [x for x in range(w) if (card[:, x, 3] == 0).all()]
+    assert gaps and all((card[:, x, 3] == 255).all() for x in range(w) if x not in gaps)
+    assert len(gaps) == 3 * 2 * b.scale  # 4 samples, 2 pixel gaps, enlarged
+    for grid in (b.detail_samples, b.detail_heat):
+        g = _rgba(grid.value)
+        assert (g[..., 3] == 0).any() and not (g[..., 3] == 0).all(axis=0).all()
+    charts = {"iou": b.detail_iou, "histogram": b.detail_hist, "heat-map key": b.detail_key,
+              "difference key": a.scale_bar, "ranking": r.chart, "summary": l.left}
+    for name, chart in charts.items():
+        assert isinstance(chart, Chart), name
+        light, dark = _rgba(chart.light.value), _rgba(chart.dark.value)
+        assert chart.value == chart.light.value
+        assert light.shape == dark.shape, name
+        assert (light[..., 3] == 0).mean() > 0.3 and (dark[..., 3] == 0).mean() > 0.3, name  # transparent
+        spread = lambda x: x[..., :3].max(-1) - x[..., :3].min(-1)
+        colour = (light[..., 3] == 255) & ((spread(light) > 60) | (name == "difference key"))  # its ramp is grey
+        assert colour.sum() > 50, name
+        # pixel for pixel the same colours, but where a line of ink (an axis, a bar's outline) blends in
+        assert (dark[colour] == light[colour]).all(-1).mean() > 0.9, f"{name}: its colours differ between the themes"
+        main = lambda img: {tuple(c): n for c, n in zip(*np.unique(img[colour], axis=0, return_counts=True)) if n >= 200}
+        assert main(dark) == main(light), name
+        for img, ink in ((light, lambda v: v < 60), (dark, lambda v: v > 190)):
+            drawn = (img[..., 3] > 30) & (img[..., 3] < 255) & (spread(img) < 16)  # text and axes over nothing
+            assert drawn.sum() > 100 and ink(np.median(img[drawn][:, 0])), name
+    assert "gd-key" in b.detail_key.dark._dom_classes and "gd-for-dark" in b.detail_key.dark._dom_classes
 
 
 def test_insertion_strength_is_shared_and_rerenders_only_insertions(session):

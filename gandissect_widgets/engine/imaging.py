@@ -73,15 +73,24 @@ def difference(a: np.ndarray, b: np.ndarray, gain: float = 2.0) -> np.ndarray:
 
 
 def strip(images: np.ndarray, gap: int = 2, fill=255) -> np.ndarray:
-    """(N,H,W,3) -> one row (H, N*W + gaps, 3)."""
+    """(N,H,W,C) -> one row (H, N*W + gaps, C); ``fill`` as in ``grid``."""
     return grid(images, cols=len(images), gap=gap, fill=fill)
 
 
 def grid(images: np.ndarray, cols: int, gap: int = 2, fill=255) -> np.ndarray:
+    """(N,H,W,C) -> rows of ``cols`` pictures, ``gap`` pixels apart, filled with ``fill`` (a
+    value, or one per channel).  ``fill=None``: the gaps are transparent, the result RGBA (alpha
+    255 on the pictures, 0 in the gaps, whose colour is white where alpha is dropped): for pictures
+    shown on a background of any colour, such as a dark theme's."""
     images = np.asarray(images)
+    if fill is None:
+        alpha = np.full(images.shape[:3] + (1,), 255, dtype=images.dtype)
+        images = images if images.shape[-1] == 4 else np.concatenate([images, alpha], axis=-1)
+        fill = (255,) * (images.shape[-1] - 1) + (0,)
     n, H, W, C = images.shape
     rows = max(1, -(-n // cols))
-    out = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, C), fill, dtype=images.dtype)
+    out = np.empty((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, C), dtype=images.dtype)
+    out[...] = np.asarray(fill, dtype=images.dtype)
     for i in range(n):
         r, c = divmod(i, cols)
         out[r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = images[i]

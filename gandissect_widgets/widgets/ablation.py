@@ -1,5 +1,6 @@
 """Ablation panel: samples shown as columns (original, edited, difference); toggle units and the
-edited images re-render at once from cached activations."""
+edited images re-render at once from cached activations.  The columns wrap onto as many lines
+as the width needs, and every line starts with the names of its rows."""
 from __future__ import annotations
 
 import html
@@ -10,8 +11,9 @@ import numpy as np
 from gandissect_widgets.engine.imaging import difference, to_uint8
 from gandissect_widgets.engine.session import parse_indices
 from gandissect_widgets.report.figures import difference_colorbar_figure
-from gandissect_widgets.widgets.base import View, caption, image_widget, pixels, row, strength_slider
-from gandissect_widgets.widgets.encode import encode_image, figure_png
+from gandissect_widgets.widgets import snapshot
+from gandissect_widgets.widgets.base import Chart, View, image_widget, pixels, row, strength_slider
+from gandissect_widgets.widgets.encode import encode_image
 
 __all__ = ["AblationPanel"]
 
@@ -40,16 +42,13 @@ class AblationPanel(View):
                                  layout=W.Layout(width="auto"))
         self.clear = W.Button(description="none", tooltip="switch no unit", layout=W.Layout(width="auto"))
         self.toggles = row([])
-        self.columns = row([])
-        self.scale_bar = image_widget(width="320px")  # a key, not a picture to enlarge
-        self.scale_bar.add_class("gd-chart")
-        self.scale_bar.add_class("gd-key")  # a key to the pictures: keeps its colours in a dark theme
+        self.columns = _Columns()
+        self.scale_bar = Chart("gd-key", width="320px")  # a key, not a picture to enlarge
         self.stats = W.HTML()
         self._toggles: list[W.ToggleButton] = []  # a pool: reused when the candidates change
-        self._cells: list[tuple] = []  # a pool of (column, original, edited, difference) per sample
+        self._cells: list[_Sample] = []  # a pool of sample columns
         self._syncing = False
         self._base = None  # (key, uint8 originals, presence, original PNGs)
-        self._labels = W.VBox([caption(r, height=f"{64 * scale}px", width="80px", margin="2px") for r in ROWS])
         super().__init__(session, [row([self.samples, self.concept, self.mode, self.strength]),
                                    row([self.topk, self.use_topk, self.clear]), self.toggles, self.columns,
                                    self.scale_bar, self.stats])
@@ -63,13 +62,13 @@ class AblationPanel(View):
         s.observe(self._session_changed, names=["selection", "samples", "mode", "concept", "layer", "strength"])
         if s.concept is None:
             s.update(concept=self.concept.value)
-        self.scale_bar.value = figure_png(difference_colorbar_figure(DIFFERENCE_GAIN))
+        self.scale_bar.show(difference_colorbar_figure(DIFFERENCE_GAIN))
         self._build_toggles()
         self.refresh()
 
     # the pictures of sample i: self.originals[i], self.editeds[i], self.differences[i]
     def _pictures(self, row: int) -> list:
-        return [c[1 + row] for c in self._cells if c[0].layout.display != "none"]
+        return [c.pictures[row] for c in self._cells if c.layout.display != "none"]
 
     originals = property(lambda self: self._pictures(0))
     editeds = property(lambda self: self._pictures(1))
@@ -183,26 +182,82 @@ class AblationPanel(View):
         orig, edited, diff, side, count = parts
         n = len(orig)
         while len(self._cells) < n:
-            pics = [pixels(image_widget(), *side) for _ in ROWS]
-            for p, r in zip(pics, ROWS):
-                p.add_class(f"gd-{r}")
-            col = W.VBox(pics, layout=W.Layout(flex="none"))
-            self._cells.append((col, *pics))
+            self._cells.append(_Sample(side))
         with self.hold_sync():
-            for i, (col, o, e, d) in enumerate(self._cells):
-                col.layout.display = None if i < n else "none"
+            for i, cell in enumerate(self._cells):
+                cell.layout.display = None if i < n else "none"
                 if i < n:
-                    for w, v in ((o, orig[i]), (e, edited[i]), (d, diff[i])):
+                    cell.resize(side)
+                    for w, v in zip(cell.pictures, (orig[i], edited[i], diff[i])):
                         if w.value != v:
                             w.value = v
-            if len(self.columns.children) != len(self._cells) + 1:
-                self.columns.children = [self._labels] + [c[0] for c in self._cells]
+            if len(self.columns.children) != len(self._cells):
+                self.columns.children = list(self._cells)
         self.run(count, self._show_stats)  # a newer toggle drops it
 
     def _show_stats(self, text):
         self.stats.value = text
 
 
+class _Sample(W.HBox):
+    """One sample's column: its original, edited and difference pictures, with the rows' names
+    on their left.  The stylesheet tucks the names under the pictures of the column before, so
+    that they show only where a line of columns begins, whatever the width wraps them to."""
+
+    def __init__(self, side):
+        self.pictures = [pixels(image_widget(), *side) for _ in ROWS]
+        for p, r in zip(self.pictures, ROWS):
+            p.add_class(f"gd-{r}")
+        self.labels = W.HTML()
+        self.labels.add_class("gd-sample-labels")
+        box = W.VBox(self.pictures)
+        box.add_class("gd-sample-pictures")
+        super().__init__([self.labels, box])
+        self.add_class("gd-sample")
+        self.side = None
+        self.resize(side)
+
+    def resize(self, side):
+        if side == self.side:
+            return
+        self.side = side
+        for p in self.pictures:
+            pixels(p, *side)
+        self.labels.value = "".join(f'<div class="gd-sample-label" style="height: {side[1] + 2}px">'
+                                    f'<b>{r}</b></div>' for r in ROWS)
+
+
+class _Columns(W.HBox):
+    """The samples' columns, wrapping to the view's width.  A static picture of them (snapshot)
+    draws each line of columns with the rows' names on its left, as the browser shows them."""
+
+    def __init__(self):
+        super().__init__([], layout=W.Layout(flex_flow="row wrap"))
+        self.add_class("gd-row")
+        self.add_class("gd-samples")
+
+    def snapshot_compose(self, pictures_only=False):
+        cells = [c for c in self.children if c.layout.display != "none"]
+        columns = [snapshot.compose(c.children[1], True) for c in cells]
+        columns = [c for c in columns if c is not None]
+        if not columns:
+            return None
+        if pictures_only:
+            return snapshot._row(columns)
+        step = cells[0].side[1] + snapshot.GAP  # compose stacks the pictures GAP apart
+        names = [snapshot.text_image(r) for r in ROWS]
+        key = snapshot.Image.new("RGB", (max(n.width for n in names), columns[0].height), snapshot.PAPER)
+        for i, n in enumerate(names):
+            key.paste(n, (0, i * step + 2))
+        lines, line, width = [], [], key.width
+        for c in columns:
+            if line and width + snapshot.GAP + c.width > snapshot.MAX_WIDTH:
+                lines.append(line)
+                line, width = [], key.width
+            line.append(c)
+            width += snapshot.GAP + c.width
+        lines.append(line)
+        return snapshot._column([snapshot._join([key] + l, horizontal=True) for l in lines])
 
 
 def _format(samples) -> str:

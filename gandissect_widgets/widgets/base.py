@@ -14,7 +14,7 @@ from gandissect_widgets.engine.progress import Cancelled
 from gandissect_widgets.widgets.snapshot import snapshot_png
 from gandissect_widgets.widgets.worker import LatestWins
 
-__all__ = ["View", "ChoiceButtons", "image_widget", "strength_slider", "pixels", "stylesheet", "row", "caption", "in_browser_order"]
+__all__ = ["View", "ChoiceButtons", "Chart", "image_widget", "strength_slider", "pixels", "stylesheet", "row", "caption", "in_browser_order"]
 
 BUSY_AFTER = 0.15  # seconds before "rendering..." shows
 SNAPSHOT_WAIT = 10.0  # seconds a display waits for the first render, for its static picture
@@ -40,6 +40,35 @@ def pixels(widget, width: int, height: int | None = None):
 
 def image_widget(**layout):
     return W.Image(format="png", layout=W.Layout(**layout) if layout else W.Layout())
+
+
+class Chart(W.Box):
+    """A chart (or a key to pictures) as two PNGs, for JupyterLab's light and dark themes
+    (``encode.figure_pngs``: one layout, the same data colours, each theme's ink on a transparent
+    background); the stylesheet shows the one of the theme in use.  ``value``: the light PNG;
+    ``show(fig)`` draws both from a figure, ``value = (light, dark)`` sets them."""
+
+    def __init__(self, *classes, **layout):
+        self.light, self.dark = image_widget(**layout), image_widget(**layout)
+        for image, theme in ((self.light, "light"), (self.dark, "dark")):
+            for c in ("gd-chart", f"gd-for-{theme}") + classes:
+                image.add_class(c)
+        super().__init__([self.light, self.dark])
+        self.add_class("gd-themed")
+
+    @property
+    def value(self) -> bytes:
+        return self.light.value
+
+    @value.setter
+    def value(self, pngs):
+        for image, png in zip((self.light, self.dark), pngs):
+            if image.value != png:
+                image.value = png
+
+    def show(self, fig):
+        from gandissect_widgets.widgets.encode import figure_pngs
+        self.value = figure_pngs(fig)
 
 
 def strength_slider(session):

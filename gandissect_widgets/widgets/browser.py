@@ -8,8 +8,8 @@ import numpy as np
 
 from gandissect_widgets.engine.imaging import grid, heatmap, overlay_mask, strip
 from gandissect_widgets.report.figures import heatmap_colorbar_figure, unit_histogram_figure, unit_iou_figure
-from gandissect_widgets.widgets.base import View, caption, image_widget, pixels, row
-from gandissect_widgets.widgets.encode import encode_image, figure_png
+from gandissect_widgets.widgets.base import Chart, View, caption, image_widget, pixels, row
+from gandissect_widgets.widgets.encode import encode_image, figure_pngs
 
 __all__ = ["UnitBrowser"]
 
@@ -43,15 +43,10 @@ class UnitBrowser(View):
                                               grid_gap="6px", flex=f"1 1 {self.card_width}px",
                                               min_width=f"{self.card_width}px"))
         self.detail_title = W.HTML()
-        self.detail_iou = image_widget()
-        self.detail_hist = image_widget()
-        for chart in (self.detail_iou, self.detail_hist):
-            chart.add_class("gd-chart")
+        self.detail_iou, self.detail_hist = Chart(), Chart()  # a light and a dark theme's copy each
         self.detail_samples = image_widget()
         self.detail_heat = image_widget()
-        self.detail_key = image_widget()
-        self.detail_key.add_class("gd-chart")
-        self.detail_key.add_class("gd-key")  # a key to the heat maps: keeps its colours in a dark theme
+        self.detail_key = Chart("gd-key")  # a key to the heat maps
         side = DETAIL_COLUMNS * size[0] * scale + (DETAIL_COLUMNS - 1) * 2 * scale
         self.detail = W.VBox([self.detail_title, row([self.detail_iou, self.detail_hist]),
                               caption("top samples (mask at the dissection threshold)"), self.detail_samples,
@@ -129,7 +124,7 @@ class UnitBrowser(View):
         out = []
         for u in units:
             imgs, masks, _ = gallery[u]
-            pic = strip(overlay_mask(imgs, masks))
+            pic = strip(overlay_mask(imgs, masks), fill=None)  # transparent gaps: the card shows through
             out.append((u, encode_image(pic, "png", self.scale), f"unit {u}: {labels[u]} (IoU {ious[u]:.3f})",
                         pic.shape[1] * self.scale, pic.shape[0] * self.scale))
         return out
@@ -175,12 +170,12 @@ class UnitBrowser(View):
         imgs, masks, all_maps = s.unit_gallery(layer, [unit], 20)[unit]  # one render for both views
         n = 2 * DETAIL_COLUMNS
         imgs, masks, maps = imgs[:n], masks[:n], all_maps[:n]
-        iou_png = figure_png(unit_iou_figure(d, layer, unit))
-        hist_png = figure_png(unit_histogram_figure(all_maps.reshape(-1), float(d.thresholds(layer)[unit]), unit))
-        samples = grid(overlay_mask(imgs, masks), cols=DETAIL_COLUMNS)
+        iou_png = figure_pngs(unit_iou_figure(d, layer, unit))
+        hist_png = figure_pngs(unit_histogram_figure(all_maps.reshape(-1), float(d.thresholds(layer)[unit]), unit))
+        samples = grid(overlay_mask(imgs, masks), cols=DETAIL_COLUMNS, fill=None)
         lo, hi = float(maps.min()), float(maps.max())
-        heat = grid(np.stack([heatmap(m, lo, hi) for m in maps]), cols=DETAIL_COLUMNS)
-        key_png = figure_png(heatmap_colorbar_figure(lo, hi, f"activation of unit {unit}"))
+        heat = grid(np.stack([heatmap(m, lo, hi) for m in maps]), cols=DETAIL_COLUMNS, fill=None)
+        key_png = figure_pngs(heatmap_colorbar_figure(lo, hi, f"activation of unit {unit}"))
         title = (f"<b>{html.escape(layer)} unit {unit}</b>: {html.escape(d.unit_labels(layer)[unit])}, "
                  f"{html.escape(d.describe_unit(layer, unit))}; threshold {d.thresholds(layer)[unit]:.3g}")
         size = (samples.shape[1] * self.scale, samples.shape[0] * self.scale)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["encode_image", "figure_png", "enlarge"]
+__all__ = ["encode_image", "figure_png", "figure_pngs", "enlarge", "THEMES"]
 
 
 def enlarge(arr: np.ndarray, scale: int) -> np.ndarray:
@@ -30,7 +31,73 @@ def encode_image(arr: np.ndarray, fmt: str = "png", scale: int = 1, quality: int
     return buf.getvalue()
 
 
+# Figures are drawn one at a time: views draw their charts in threads of their own, and matplotlib's
+# text layout is not thread-safe (its mathtext parser, for log-scale tick labels, shares a cache:
+# two threads parsing at once fail with "Unknown symbol: \\mathdefault").
+_DRAWING = threading.Lock()
+
+
 def figure_png(fig, dpi: int = 90) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    with _DRAWING:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
+
+
+# The ink of charts in JupyterLab's light and dark themes (its --jp-ui-font-color1 for text,
+# --jp-ui-font-color2 for axes and ticks, --jp-layout-color1 and --jp-border-color1 for legend
+# boxes); the background is transparent, so the cell's own colour shows through.
+THEMES = {
+    "light": dict(text=(0, 0, 0, 0.87), axes=(0, 0, 0, 0.54), legend="#ffffff", edge="#bdbdbd"),
+    "dark": dict(text=(1, 1, 1, 0.87), axes=(1, 1, 1, 0.54), legend="#212121", edge="#616161"),
+}
+
+
+def _ink(color) -> bool:
+    """Is ``color`` a chart's default ink (black or a dark grey), not a data colour?"""
+    from matplotlib.colors import to_rgba
+    r, g, b, _ = to_rgba(color)
+    return max(r, g, b) < 0.35 and max(r, g, b) - min(r, g, b) < 0.05
+
+
+def theme_figure(fig, theme: str):
+    """Recolour ``fig``'s text, axes, ticks and legend boxes for a JupyterLab theme (``THEMES``),
+    its background transparent; what the data is drawn in is left as it is, so that a colour means
+    the same in both themes."""
+    from matplotlib.text import Text
+    ink = THEMES[theme]
+    fig.patch.set_facecolor("none")
+    for ax in fig.axes:
+        ax.set_facecolor("none")
+        for spine in ax.spines.values():
+            spine.set_edgecolor(ink["axes"])
+        ax.tick_params(which="both", color=ink["axes"], labelcolor=ink["text"])
+        legend = ax.get_legend()
+        if legend is not None:
+            frame = legend.get_frame()  # opaque: what it covers does not show through its text
+            frame.set_alpha(1.0)
+            frame.set_facecolor(ink["legend"])
+            frame.set_edgecolor(ink["edge"])
+    for text in fig.findobj(Text):
+        if getattr(text, "_gd_ink", False) or _ink(text.get_color()):
+            text._gd_ink = True  # drawn in ink: ink again in the other theme
+            text.set_color(ink["text"])
+    return fig
+
+
+def figure_pngs(fig, dpi: int = 90) -> tuple[bytes, bytes]:
+    """(light, dark): ``fig`` as PNGs for JupyterLab's light and dark themes (``theme_figure``):
+    the same data colours on a transparent background, text and axes in each theme's ink.  Both
+    have the same size and layout (colours do not move anything): one tight box for both."""
+    from matplotlib import rcParams
+    out = []
+    with _DRAWING:
+        theme_figure(fig, "light")
+        fig.draw_without_rendering()
+        box = fig.get_tightbbox().padded(rcParams["savefig.pad_inches"])
+        for theme in ("light", "dark"):
+            theme_figure(fig, theme)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=dpi, bbox_inches=box, facecolor="none", edgecolor="none")
+            out.append(buf.getvalue())
+    return tuple(out)

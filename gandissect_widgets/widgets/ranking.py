@@ -6,8 +6,8 @@ import ipywidgets as W
 import numpy as np
 
 from gandissect_widgets.report.figures import ranking_figure
-from gandissect_widgets.widgets.base import View, image_widget, row
-from gandissect_widgets.widgets.encode import figure_png
+from gandissect_widgets.widgets.base import Chart, View, row
+from gandissect_widgets.widgets.encode import figure_pngs
 
 __all__ = ["IouRanking", "ACE_SCOPES"]
 
@@ -35,8 +35,7 @@ class IouRanking(View):
         self.units = W.SelectMultiple(options=[], rows=12, description="units", layout=W.Layout(width="340px"))
         self.send = W.Button(description="send to ablation panel", button_style="primary",
                              layout=W.Layout(width="auto"))
-        self.chart = image_widget()
-        self.chart.add_class("gd-chart")
+        self.chart = Chart()  # a light and a dark theme's copy
         self.highlighted: frozenset = frozenset()  # the units the chart shows as selected
         super().__init__(session, [row([self.concept, self.layer, self.metric]),
                                    row([self.ace_scope, self.compute_ace]),
@@ -106,7 +105,7 @@ class IouRanking(View):
         def shown(png):
             self.chart.value = png
             self.highlighted = selected
-        self.run(lambda: figure_png(ranking_figure(sc, order, set(selected), concept, metric)), shown, lane="chart")
+        self.run(lambda: figure_pngs(ranking_figure(sc, order, set(selected), concept, metric)), shown, lane="chart")
 
     def send_selection(self):
         s = self.session

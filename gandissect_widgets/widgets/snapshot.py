@@ -85,8 +85,11 @@ def _control_text(w) -> str:
 
 
 def _decode(png: bytes):
+    """The picture on white (transparent parts, such as the gaps of strips and the background
+    of charts, show the paper)."""
     try:
-        return Image.open(io.BytesIO(png)).convert("RGB")
+        img = Image.open(io.BytesIO(png)).convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, PAPER + (255,)), img).convert("RGB")
     except Exception:  # an empty or foreign value: nothing to draw
         return None
 
@@ -132,6 +135,11 @@ def compose(widget, pictures_only: bool = False):
     by side, other boxes stacked), or None when nothing is there."""
     if getattr(widget, "layout", None) is not None and widget.layout.display == "none":
         return None
+    if "gd-for-dark" in getattr(widget, "_dom_classes", ()):
+        return None  # a chart's dark-theme copy (base.Chart): the picture is drawn for paper
+    custom = getattr(widget, "snapshot_compose", None)
+    if custom is not None:  # a box that lays its parts out itself (the ablation panel's samples)
+        return custom(pictures_only)
     if isinstance(widget, W.Image):
         return _decode(widget.value) if widget.value else None
     if isinstance(widget, W.Box):

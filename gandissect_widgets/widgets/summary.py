@@ -1,5 +1,6 @@
 """Layer summary: interpretable units per concept per layer, for one dissection or two side by side
-(one y range and one concept colour map for both, so the charts compare)."""
+(one y range and one concept colour map for both, so the charts compare).  The charts are drawn
+for the light and the dark theme alike, in the same colours: a concept has one colour in both."""
 from __future__ import annotations
 
 import html
@@ -7,8 +8,8 @@ import html
 import ipywidgets as W
 
 from gandissect_widgets.report.figures import interpretable_units_figures
-from gandissect_widgets.widgets.base import View, caption, image_widget, row
-from gandissect_widgets.widgets.encode import figure_png
+from gandissect_widgets.widgets.base import Chart, View, caption, row
+from gandissect_widgets.widgets.encode import figure_pngs
 
 __all__ = ["LayerSummary"]
 
@@ -20,9 +21,7 @@ class LayerSummary(View):
         self.other, self.names = other, names
         self.min_iou = W.FloatSlider(value=0.04, min=0.0, max=0.3, step=0.01, description="min IoU",
                                      continuous_update=False, readout_format=".2f", layout=W.Layout(width="320px"))
-        self.left, self.right = image_widget(), image_widget()
-        for chart in (self.left, self.right):
-            chart.add_class("gd-chart")
+        self.left, self.right = Chart(), Chart()  # a light and a dark theme's copy each
         self.ylims = []  # the charts' y limits (shared), as drawn
         self.table = W.HTML()
         panes = [W.VBox([caption(names[0]), self.left])]
@@ -44,7 +43,7 @@ class LayerSummary(View):
 
     def _draw(self, rows, m):
         figs = interpretable_units_figures([dd for _, dd in rows], min_iou=m)
-        return [f.axes[0].get_ylim() for f in figs], [figure_png(f) for f in figs], self._table(rows, m)
+        return [f.axes[0].get_ylim() for f in figs], [figure_pngs(f) for f in figs], self._table(rows, m)
 
     def _show(self, parts):
         self.ylims, pngs, table = parts
