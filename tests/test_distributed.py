@@ -85,6 +85,14 @@ def test_blocks_tile_whole_batches(n, bs, size):
     assert max(sizes) - min(sizes) <= 1  # batches spread evenly
 
 
+@pytest.mark.parametrize("n,size", [(10, 3), (2, 5), (7, 1)])
+def test_shares_tile_the_items_round_robin(n, size):
+    shares = [Ranks(r, size).share(range(n)) for r in range(size)]
+    assert sorted(i for s in shares for i in s) == list(range(n))
+    assert all(Ranks(0, size).owner(i) == r for r, s in enumerate(shares) for i in s)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
 def test_cuda_means_this_ranks_gpu():
     assert Ranks(1, 2, local_rank=1).device("cuda") == torch.device("cuda", 1)
     assert Ranks(1, 2, local_rank=1).device("cuda:0") == torch.device("cuda", 0)

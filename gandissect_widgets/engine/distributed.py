@@ -3,9 +3,11 @@
 - ``job()``: this process's place in the job (``Ranks``), as a context: the process group the user
   initialised, or one started from ``torchrun``'s environment (``gloo`` on CPUs, ``nccl`` on CUDA)
   and closed on exit, or a single process (``Ranks()``), where everything below is the identity.
-- ``Ranks.block(n, batch_size)``: the samples this rank computes: a contiguous run of whole batches
-  of the same ``sample_z(n, seed)`` sequence, so that every sample goes through the models in the
-  same batch as in one process (same bits), whatever the number of ranks.
+- ``Ranks.share(items)``: the items (batches, units, draws) this rank computes: every ``size``-th,
+  from its ``rank`` on (round robin, so that a first stage over the first batches, a pilot, is
+  spread too).  Batches of the same ``sample_z(n, seed)`` sequence stay whole, so every sample goes
+  through the models in the same batch as in one process (same bits), whatever the number of ranks.
+  ``Ranks.block(n, batch_size)``: a contiguous run of whole batches instead.
 - ``all_sum`` / ``all_min`` / ``all_max`` / ``gather`` / ``broadcast`` / ``agree``: the collectives
   the statistics merge with, in rank order, so every rank holds the same merged result.
 - ``RankFailed``: a collective that failed because another rank died or stopped: one line naming it.
@@ -13,7 +15,7 @@
 Usage (what ``dissect`` and the causal tools do)::
 
     with job(device) as ranks:
-      i0, i1 = ranks.block(n, batch_size)        # count samples [i0, i1) here
+      for i0, i1 in ranks.share(batches):      # count these samples here
       counts = all_sum(counts, ranks)          # every rank: the counts over all n
       if ranks.writer: save(result)
 """
@@ -26,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Ranks", "RankFailed", "job", "join", "all_sum", "all_min", "all_max", "gather", "broadcast", "agree",
-           "DEFAULT_TIMEOUT"]
+__all__ = ["Ranks", "RankFailed", "job", "join", "all_sum", "all_min", "all_max", "gather", "gather_objects",
+           "broadcast", "agree", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds a collective waits for the other ranks before it fails
 
@@ -58,6 +60,14 @@ class Ranks:
         batches = -(-n // batch_size)
         b0, b1 = self.rank * batches // self.size, (self.rank + 1) * batches // self.size
         return min(b0 * batch_size, n), min(b1 * batch_size, n)
+
+    def share(self, items) -> list:
+        """This rank's items: ``items[rank::size]`` (round robin; all of them in one process)."""
+        return list(items)[self.rank::self.size]
+
+    def owner(self, index: int) -> int:
+        """The rank whose ``share`` holds item ``index``."""
+        return index % self.size
 
     def device(self, requested=None) -> torch.device:
         """``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``) in a job; anything else as given."""
@@ -178,6 +188,17 @@ def gather(t: torch.Tensor, ranks: Ranks, dim: int = 0) -> torch.Tensor:
     return out.to(t.device).movedim(0, dim)
 
 
+def gather_objects(obj, ranks: Ranks) -> list:
+    """Every rank's ``obj`` (picklable values made by this package: state dicts, partial results),
+    in rank order, on every rank."""
+    if not ranks.distributed:
+        return [obj]
+    import torch.distributed as dist
+    values = [None] * ranks.size
+    _collective(ranks, "gathering results", lambda: dist.all_gather_object(values, obj))
+    return values
+
+
 def broadcast(obj, ranks: Ranks, src: int = 0):
     """``src``'s ``obj`` (any picklable value made by this package, never read from files) on every rank."""
     if not ranks.distributed:
@@ -193,9 +214,7 @@ def agree(value, ranks: Ranks, what: str):
     started with different arguments stops at once, with one line naming the first rank that differs."""
     if not ranks.distributed:
         return value
-    import torch.distributed as dist
-    values = [None] * ranks.size
-    _collective(ranks, f"comparing {what}", lambda: dist.all_gather_object(values, value))
+    values = gather_objects(value, ranks)
     for r, v in enumerate(values):
         if v != values[0]:
             raise ValueError(f"ranks disagree on {what}: rank 0 has {values[0]!r}, rank {r} has {v!r}; "
