@@ -21,13 +21,14 @@ import torch
 
 from gandissect_widgets.engine.hooks import (Edit, TraceDict, can_run_from, edit_layers, resolve_layers,
                                              run_from)
+from gandissect_widgets.engine.layer_listing import probe_layers
 from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents, segment
 from gandissect_widgets.engine.readout import concept_index  # noqa: F401  (re-exported: the causal tools' lookup)
 from gandissect_widgets.engine.upsample import pool_mask
 
 __all__ = ["Intervention", "render", "layer_activation", "concept_presence", "concept_index",
-           "InsertionValues", "execution_order", "Cost"]
+           "InsertionValues", "Cost"]
 
 
 @dataclass(frozen=True)
@@ -88,20 +89,6 @@ class Intervention:
         return Edit(self.layer, self.units, value, mask)
 
 
-def execution_order(G, layers, z) -> list[str]:
-    """``layers`` in the order a forward of ``z[:1]`` runs them."""
-    order = []
-
-    def record(out, name):
-        if name not in order:
-            order.append(name)
-        return out
-
-    with torch.no_grad(), TraceDict(G, list(layers), retain_output=False, edit_output=record):
-        G(z[:1])
-    return order
-
-
 def layer_activation(G, z, layer):
     """The output of ``layer`` for latents ``z`` (the rest of the forward is skipped)."""
     with torch.no_grad(), TraceDict(G, [layer], stop_after=layer) as tr:
@@ -148,9 +135,7 @@ def render(G, z, interventions: Sequence = (), activation=None, layer=None, imag
             return run_from(G, L, r)
         shapes = {}
         if not all(isinstance(iv, Edit) for iv in interventions):  # regions are pooled to the layers' grids
-            with TraceDict(G, layers, stop_after=execution_order(G, layers, z)[-1]) as tr:
-                G(z[:1])
-            shapes = {l: tuple(tr[l].output.shape[1:]) for l in layers}
+            shapes = probe_layers(G, layers, z).map_shapes(layers, needs="an intervention in a region")
         edits = [e for es in _edits_by_layer(G, interventions, image_size, shapes).values() for e in es]
         with edit_layers(G, edits):
             return G(z)

@@ -1,5 +1,8 @@
 """Which layers of a generator a user can dissect, found by running one sample.
 
+- ``probe_layers(G, layers)``: one forward pass of one sample; per traced layer that ran, its place
+  in execution order, output shape, the output in words and bytes per sample.  The one probe of
+  layer order and shapes: the dissection, the interventions and the command line all ask it.
 - ``module_outputs(G)``: every module that runs, with its output's shape (C,h,w) or type name.
 - ``feature_maps(G)``: the feature maps to dissect, in forward order: modules whose output is a
   (N,C,h,w) tensor, nested ones included.  A container is opened up, not listed, when its own
@@ -11,28 +14,85 @@
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import torch
 
 from gandissect_widgets.engine.hooks import TraceDict, layer_names
-from gandissect_widgets.engine.protocols import model_device
+from gandissect_widgets.engine.protocols import ProtocolError, model_device
 
-__all__ = ["module_outputs", "feature_maps", "describe_output"]
+__all__ = ["probe_layers", "Probe", "LayerOutput", "module_outputs", "feature_maps", "describe_output"]
+
+
+class LayerOutput(NamedTuple):
+    """What one layer gave in the probe's forward pass (of a module that runs more than once: its
+    place is its first finish, the rest describes its last output, the one a ``Trace`` retains)."""
+    order: int            # its place in execution order, 0 = the first traced layer to finish
+    shape: tuple | None   # the output's full shape (N, C, h, w, ...) when it is a tensor, else None
+    kind: str             # the output in words, for messages (``describe_output``)
+    type_name: str        # the output's type name ("Tensor", "tuple")
+    sample_bytes: int     # bytes of one sample of the output (0 for no tensor or an empty batch)
+
+
+class Probe(NamedTuple):
+    """``probe_layers``' answer: the traced layers that ran, in execution order, and the output."""
+    layers: dict          # {name: LayerOutput}, in execution order; layers that did not run are absent
+    output: object        # what the generator returned (the images)
+    model: str            # the generator's type name, for messages
+
+    @property
+    def order(self) -> list[str]:
+        """The traced layers that ran, in the order they finished."""
+        return list(self.layers)
+
+    def map_shapes(self, names: Sequence[str], needs: str = "dissection") -> dict[str, tuple]:
+        """{name: (C,h,w)} of layers whose output is a feature map (N,C,h,w); for any other, a
+        ``ProtocolError`` that says what it gave and what ``needs`` it."""
+        shapes = {}
+        for name in names:
+            out = self.layers.get(name)
+            if out is None:
+                raise ProtocolError(f"layer {name!r} did not run in a forward pass of {self.model}")
+            if out.shape is None or len(out.shape) != 4:
+                raise ProtocolError(f"layer {name!r} outputs {out.kind}; {needs} needs a convolutional "
+                                    "feature map (N,C,h,w)")
+            shapes[name] = out.shape[1:]
+        return shapes
+
+
+def probe_layers(G, layers: Sequence[str] | None = None, z=None) -> Probe:
+    """One forward pass of one sample (``z[:1]``; default ``G.sample_z(1, 0)`` on the model's
+    device), tracing ``layers`` (default: every module): their execution order and outputs."""
+    layers = layer_names(G) if layers is None else list(layers)
+    if z is None:
+        z = G.sample_z(1, 0).to(model_device(G))
+    first, last = [], {}
+
+    def record(out, name):
+        if name not in last:
+            first.append(name)
+        last[name] = out
+        return out
+
+    with torch.no_grad(), TraceDict(G, layers, retain_output=False, edit_output=record):
+        x = G(z[:1])
+    seen = {}
+    for i, name in enumerate(first):
+        out = last[name]
+        tensor = torch.is_tensor(out)
+        size = out[0].numel() * out.element_size() if tensor and out.dim() and out.shape[0] else 0
+        seen[name] = LayerOutput(i, tuple(out.shape) if tensor else None, describe_output(out),
+                                 type(out).__name__, int(size))
+    return Probe(seen, x, type(G).__name__)
 
 
 def _trace(G):
-    """(names in module order, {name: shape or type name}, names in the order they finished, image shape)."""
+    """(names in module order, {name: shape (C,...) or type name}, names in the order they finished, image shape)."""
     names = layer_names(G)
-    shapes, order = {}, []
-
-    def record(out, name):
-        if name not in shapes:
-            order.append(name)
-            shapes[name] = tuple(out.shape[1:]) if torch.is_tensor(out) else type(out).__name__
-        return out
-
-    with torch.no_grad(), TraceDict(G, names, retain_output=False, edit_output=record):
-        x = G(G.sample_z(1, 0).to(model_device(G)))
-    return names, shapes, order, (tuple(x.shape[1:]) if torch.is_tensor(x) else None)
+    p = probe_layers(G, names)
+    shapes = {n: o.shape[1:] if o.shape is not None else o.type_name for n, o in p.layers.items()}
+    x = p.output
+    return names, shapes, p.order, (tuple(x.shape[1:]) if torch.is_tensor(x) else None)
 
 
 def module_outputs(G) -> list[tuple[str, tuple | str]]:
