@@ -9,6 +9,10 @@ constructor and call it with the options.  A name is looked up, in this order, a
 - import paths: ``package.module:factory`` itself (imported with the current directory on
   ``sys.path``, as ``python -m`` has it; never evaluated as text).
 The engine never changes for a new family.
+
+A model the registry makes carries its recipe (``recipe(model)``: the name, where it comes from, the
+checkpoint), so ``recorded_models(G, S)`` tells a result how to load its models again, in the
+structure the command line writes into ``dissect.json``'s ``settings["models"]``.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from typing import Callable
 
 __all__ = ["Registry", "GENERATORS", "SEGMENTERS", "UnknownNameError", "PluginError", "register_generator",
            "register_segmenter", "load_generator", "load_segmenter", "load_model", "list_generators", "list_segmenters",
-           "takes_option", "is_import_path", "import_object", "refuse_code_inside", "recorded_models", "models_to_load", "origin", "list_models"]
+           "takes_option", "is_import_path", "import_object", "refuse_code_inside", "recorded_models",
+           "models_in_settings", "model_to_load", "models_to_load", "recipe", "origin", "list_models"]
 
 PLUGIN_GROUPS = {"generator": "gandissect_widgets.generators", "segmenter": "gandissect_widgets.segmenters"}
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -100,10 +105,16 @@ def import_object(spec: str, what: str = "import path"):
     return obj
 
 
-def refuse_code_inside(spec, directory, what: str = "model"):
+def name_it(kind: str, spec: str, style: str = "cli") -> str:
+    """How a user names the ``kind`` ``spec`` themselves: ``--generator X`` (cli) or ``generator='X'`` (python)."""
+    return f"--{kind} {spec}" if style == "cli" else f"{kind}={spec!r}"
+
+
+def refuse_code_inside(spec, directory, what: str = "model", style: str = "cli"):
     """Raise ``PluginError`` if the import path ``spec`` (read from a result in ``directory``) names a
     module that lies inside ``directory``: code that arrives with a result is never imported on its
-    word.  Only finds the top-level module's file; runs nothing."""
+    word.  Only finds the top-level module's file; runs nothing.  ``style`` words the advice for the
+    command line ("cli") or the Python API ("python")."""
     import importlib.machinery
     if not is_import_path(spec):
         return
@@ -115,10 +126,51 @@ def refuse_code_inside(spec, directory, what: str = "model"):
     if where and os.path.realpath(where).startswith(os.path.join(os.path.realpath(directory), "")):
         raise PluginError(f"{directory}/dissect.json names the {what} {spec!r}, whose module {top} lies inside that "
                           f"result directory ({where}): code that comes with a result is not imported on its word; "
-                          f"if you trust it, name it yourself (--{what} {spec})")
+                          f"if you trust it, name it yourself ({name_it(what, spec, style)})")
 
 
-def recorded_models(settings) -> dict:
+_NOT_GIVEN = object()
+
+
+def recorded_models(generator, segmenter=_NOT_GIVEN) -> dict | None:
+    """How to load ``generator`` and ``segmenter`` again, as the command line records it in a result's
+    ``settings["models"]``: {kind: {"name", "from", "where", ["package",] "checkpoint", "trust_pickle"}}
+    for each one the registry made (``load_generator``, ``load_segmenter``, ``load_model``), None when
+    neither came from it (a module built in Python, a model wrapped or made with other options).
+
+    Called with a result's settings alone (the older form), it reads them: ``models_in_settings``."""
+    if segmenter is _NOT_GIVEN:
+        return models_in_settings(generator)
+    out = {kind: recipe(model) for kind, model in (("generator", generator), ("segmenter", segmenter))}
+    out = {kind: r for kind, r in out.items() if r is not None}
+    return out or None
+
+
+def recipe(model) -> dict | None:
+    """The recipe the registry attached to ``model`` when it made it (a copy), or None."""
+    r = getattr(model, RECIPE_ATTRIBUTE, None) if model is not None else None
+    return dict(r) if isinstance(r, dict) else None
+
+
+RECIPE_ATTRIBUTE = "_gandissect_recipe"
+RECORDABLE_OPTIONS = {"device", "checkpoint", "trust_pickle"}  # what a result's record can say again
+
+
+def _attach_recipe(model, origin: dict, options: dict):
+    """Give ``model`` the recipe of ``options`` when they can be recorded: a checkpoint given as a path
+    (kept absolute), and no other options than the device and trust; else leave it without one."""
+    ckpt = options.get("checkpoint")
+    if set(options) - RECORDABLE_OPTIONS or not (ckpt is None or isinstance(ckpt, (str, os.PathLike))):
+        with contextlib.suppress(Exception):
+            setattr(model, RECIPE_ATTRIBUTE, None)  # a stale recipe of an earlier call must not stay
+        return
+    r = dict(origin, checkpoint=os.path.abspath(os.fspath(ckpt)) if ckpt is not None else None,
+             trust_pickle=bool(options.get("trust_pickle", False)))
+    with contextlib.suppress(Exception):  # a model that takes no attributes simply has no recipe
+        setattr(model, RECIPE_ATTRIBUTE, r)
+
+
+def models_in_settings(settings) -> dict:
     """{kind: {"name", "checkpoint"}} that a result's settings record for loading its models again
     (``settings["models"]``, written by the command line; older results give only their names)."""
     if not isinstance(settings, dict):
@@ -134,22 +186,26 @@ def recorded_models(settings) -> dict:
     return out
 
 
+def model_to_load(kind: str, settings, directory, name=None, checkpoint=None, default=None,
+                  style: str = "cli") -> tuple:
+    """(name, checkpoint) of the ``kind`` to load for the result in ``directory``: the one given, else the
+    one it records (with its checkpoint unless another is given), else ``default``.  A recorded import
+    path whose module lies inside ``directory`` raises ``PluginError`` (advice worded for ``style``)."""
+    r = models_in_settings(settings).get(kind, {})
+    if name is None and r.get("name"):
+        refuse_code_inside(r["name"], directory, kind, style)
+    name = name or r.get("name") or default
+    if checkpoint is None and name == r.get("name"):
+        checkpoint = r.get("checkpoint")
+    return name, checkpoint
+
+
 def models_to_load(settings, directory, generator=None, checkpoint=None, segmenter=None, segmenter_checkpoint=None,
-                   default=None) -> dict:
-    """{"generator": (name, checkpoint), "segmenter": (name, checkpoint)}: the ones given, else the ones the
-    result in ``directory`` records (with their checkpoints unless others are given), else ``default``.
-    A recorded import path whose module lies inside ``directory`` raises ``PluginError``."""
-    recorded = recorded_models(settings)
-    out = {}
-    for kind, name, ckpt in (("generator", generator, checkpoint), ("segmenter", segmenter, segmenter_checkpoint)):
-        r = recorded.get(kind, {})
-        if name is None and r.get("name"):
-            refuse_code_inside(r["name"], directory, kind)
-        name = name or r.get("name") or default
-        if ckpt is None and name == r.get("name"):
-            ckpt = r.get("checkpoint")
-        out[kind] = (name, ckpt)
-    return out
+                   default=None, style: str = "cli") -> dict:
+    """{"generator": (name, checkpoint), "segmenter": (name, checkpoint)}: ``model_to_load`` of each."""
+    return {kind: model_to_load(kind, settings, directory, name, ckpt, default, style)
+            for kind, name, ckpt in (("generator", generator, checkpoint),
+                                     ("segmenter", segmenter, segmenter_checkpoint))}
 
 
 @dataclass
@@ -308,7 +364,9 @@ class Registry:
                 if unknown:
                     raise TypeError(f"{self.kind} {name!r} does not take option(s) {unknown}; "
                                     f"it takes: {', '.join(known) or '(none)'}")
-            return fn(**options)
+            model = fn(**options)
+        _attach_recipe(model, self.origin(name), options)
+        return model
 
 
 GENERATORS = Registry("generator", PLUGIN_GROUPS["generator"])

@@ -6,9 +6,14 @@ one widget shows in the others.  It also caches what interactive re-rendering ne
 each layer's unedited activations for the displayed samples, and insertion values, so a toggle
 re-runs only the layers after the edited one.  Model calls are serialised by ``self.lock``:
 views may render from worker threads.
+
+``Session.open(result_dir)`` opens a saved result with the models it records (``settings["models"]``,
+loaded through the registry and checked against the result's fingerprints), so every view can be
+made from a result directory alone.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Callable, Iterable, Sequence
@@ -24,9 +29,14 @@ from gandissect_widgets.engine.protocols import check_generator, check_segmenter
 from gandissect_widgets.engine.results import Dissection
 from gandissect_widgets.engine.upsample import upsample
 
-__all__ = ["Session", "parse_indices"]
+__all__ = ["Session", "parse_indices", "ResultModelsError"]
 
 _STATE = ("layer", "concept", "unit", "selection", "samples", "mode", "strength", "dissection", "ace")
+
+
+class ResultModelsError(ValueError):
+    """The models of a saved result cannot be loaded, or are not the ones it was made with (one line
+    that says what to pass to ``Session.open``)."""
 
 
 def parse_indices(text: str, limit: int = 10_000) -> list[int]:
@@ -96,10 +106,34 @@ class Session:
         self.strength = 1.0
         self.dissection = None
         self.ace: dict = {}
+        self.result_dir = None  # the saved result this session was opened from (Session.open)
         if dissection is not None:
             self.set_dissection(dissection)
         if self.layer is None:
             self.layer = self.layers()[0] if self.dissection is not None else None
+
+    @classmethod
+    def open(cls, result_dir, generator=None, segmenter=None, checkpoint=None, segmenter_checkpoint=None,
+             device=None, trust_pickle: bool = False, verify: bool = True, **options) -> "Session":
+        """A session over the result saved in ``result_dir``, with the models it was made with.
+
+        Each model is the one given (a model, or a name / import path with ``checkpoint=`` /
+        ``segmenter_checkpoint=``), else the one the result records (``settings["models"]``, written by
+        the command line and by ``dissect`` for models the registry made), loaded through the registry
+        as ``gandissect report`` does: a recorded import path whose module lies inside ``result_dir``
+        is refused (name it yourself if you trust it), and ``trust_pickle`` is only ever yours to give,
+        never read from the result.  ``verify``: each model must have the fingerprint the result
+        records (``verify=False`` opens with other weights; the pictures then show those).
+        ``options`` go to ``Session`` (``layer=``, ``samples=``, ...).  Failures: ``ResultModelsError``."""
+        directory = os.fspath(result_dir)
+        d = Dissection.load(directory)
+        device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        models = {kind: _result_model(kind, given, ckpt, d, directory, str(device), trust_pickle, verify)
+                  for kind, given, ckpt in (("generator", generator, checkpoint),
+                                            ("segmenter", segmenter, segmenter_checkpoint))}
+        session = cls(models["generator"], models["segmenter"], device=device, dissection=d, **options)
+        session.result_dir = directory
+        return session
 
     # -- observation --------------------------------------------------------------------------
     def observe(self, fn: Callable, names: Iterable[str] | None = None):
@@ -355,6 +389,43 @@ class Session:
     def _labels_of(self, images: torch.Tensor) -> np.ndarray:
         with self.lock:
             return segment(self.segmenter, images).cpu().numpy()
+
+
+def _result_model(kind, given, checkpoint, d, directory, device, trust_pickle, verify):
+    """The ``kind`` model to open the result in ``directory`` with (see ``Session.open``)."""
+    from gandissect_widgets.engine.protocols import fingerprint
+    from gandissect_widgets.registry import PluginError, load_model, model_to_load
+    ckpt_arg = "checkpoint" if kind == "generator" else "segmenter_checkpoint"
+    advice = (f"pass {kind}= to Session.open (a model, a name or an import path package.module:factory; "
+              f"{ckpt_arg}= for its weights)")
+    if given is not None and not isinstance(given, str):  # a model object
+        if checkpoint is not None:
+            raise ResultModelsError(f"{ckpt_arg}= was given with a {kind} object; give the {kind} by name or "
+                                    f"import path to load that checkpoint, or leave {ckpt_arg}= out")
+        model, said = given, f"the given {kind} ({type(given).__name__})"
+    else:
+        try:
+            name, checkpoint = model_to_load(kind, d.settings, directory, given, checkpoint, style="python")
+        except PluginError as e:  # the result names code that lies inside it
+            raise ResultModelsError(str(e)) from None
+        recorded = (d.settings.get("models") or {}).get(kind) or {}
+        said = f"{kind} {name!r}" + (f" ({recorded['where']})" if given is None and recorded.get("where") else "") \
+            + (f" with checkpoint {checkpoint}" if checkpoint else "")
+        if given is None and not recorded:
+            said += " (the result records only this name, not how to load it)"
+        try:
+            model = load_model(kind, name, device, checkpoint, trust_pickle)
+        except Exception as e:
+            reason = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            reason = " ".join(str(reason).split()) or type(e).__name__
+            raise ResultModelsError(f"cannot load the {kind} of the result in {directory}: {said}: {reason}; "
+                                    f"{advice}") from e
+    want = d.settings.get(f"{kind}_fingerprint")
+    if verify and want and fingerprint(model) != want:
+        raise ResultModelsError(f"{said} is not the {kind} the result in {directory} was made with: its fingerprint "
+                                f"is {fingerprint(model)}, the result's {want} (other weights, labels or code); "
+                                f"{advice}, or verify=False to look at the result with this one")
+    return model
 
 
 class _Once:
