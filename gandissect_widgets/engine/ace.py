@@ -8,7 +8,14 @@ Many edits share one forward pass: ``unit_ace`` and ``removal_curve`` stack thei
 or one unit set, per copy of a batch of samples) into an ``Edit`` with per-sample unit weights,
 about ``images_per_pass`` images a pass, re-run from the layer where the model allows it.
 ``unit_ace_reference`` is the readable definition the fast path is tested against.  Each tool's
-``*_cost`` twin counts, from the same schedule, the passes and segmenter calls it will make.
+``*_cost`` twin counts, from the same schedule, the passes and segmenter calls it will make (for
+the whole job: in a ``torch.distributed`` job each rank makes its share of them).
+
+In a job (``ranks``, see ``engine.distributed``) the tools share whole batches of the same latent
+sequence, or (batch, group of edits) pairs, round robin (``shared_map``), so every sample goes
+through the models in the same batch as in one process; the per-sample values are gathered back
+into sample order and every figure is computed from them on every rank, in one process's order:
+each rank returns what one process returns, bit for bit.
 """
 from __future__ import annotations
 
@@ -17,14 +24,49 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gandissect_widgets.engine.distributed import Ranks, gather_objects
 from gandissect_widgets.engine.hooks import Edit, TraceDict, can_run_from, check_units, resolve_layers
 from gandissect_widgets.engine.interventions import (Cost, InsertionValues, Intervention, concept_index,
                                                      concept_presence, layer_activation, render)
 from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents
 
-__all__ = ["AceResult", "measure_ace", "measure_ace_cost", "unit_ace", "unit_ace_reference", "unit_ace_cost",
+__all__ = ["AceResult", "resolve_ranks", "shared_map", "measure_ace", "measure_ace_cost", "unit_ace", "unit_ace_reference", "unit_ace_cost",
            "removal_curve", "removal_curve_cost", "bootstrap_ci", "check_units"]
+
+
+def resolve_ranks(ranks: Ranks | None = None) -> Ranks:
+    """``ranks`` as given; None: the job's when a process group is initialised, else one process
+    (so a plain call in one process behaves as it always did)."""
+    if ranks is not None:
+        return ranks
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        from gandissect_widgets.engine.distributed import join
+        return join()
+    return Ranks()
+
+
+def shared_map(fn, items, ranks: Ranks) -> list:
+    """``[fn(item) for item in items]`` on every rank, each item computed by the rank whose share
+    holds it (``Ranks.share``: round robin, in item order) and gathered back into item order.
+    ``fn``'s values must pickle (arrays, numbers).  A rank that died: ``RankFailed`` here."""
+    items = list(items)
+    mine = [fn(item) for item in ranks.share(items)]
+    if not ranks.distributed:
+        return mine
+    parts = gather_objects(mine, ranks)
+    return [parts[ranks.owner(i)][i // ranks.size] for i in range(len(items))]
+
+
+def _my_steps(items, ranks: Ranks, per_item: int = 1) -> int:
+    """Progress steps of this rank's share (the bar is the writer's: its share tracks the job's)."""
+    return len(ranks.share(items)) * per_item
+
+
+def _progress(progress, ranks: Ranks):
+    """Progress only on the writing rank."""
+    return progress if ranks.writer else False
 
 
 def bootstrap_ci(stat, n: int, rounds: int = 1000, level: float = 0.95, seed: int = 0):
@@ -106,14 +148,19 @@ def measure_ace_cost(G, layer: str, n_samples: int = 200, batch_size: int = 16) 
 
 def measure_ace(G, S, layer: str, units, concept, n_samples: int = 200, seed: int = 2, batch_size: int = 16,
                 values=None, region=None, insertion: InsertionValues | None = None, bootstrap: int = 1000,
-                level: float = 0.95, progress: bool = False, z=None) -> AceResult:
+                level: float = 0.95, progress: bool = False, z=None, ranks: Ranks | None = None) -> AceResult:
     """ACE and removal ratio of ``units`` of ``layer`` on ``concept`` over ``n_samples`` latents.
 
     values: insertion constants (C,) or per unit; default ``insertion(layer, concept)``.
     region: optional image-resolution mask where the units are switched (default everywhere).
     z: explicit latents (then n_samples and seed are ignored).
     progress: see ``engine.progress`` (a step per batch of samples).
+    ranks: a ``torch.distributed`` job (default: the one initialised, else one process): the batches
+        are shared, the per-sample presences gathered, the figures and bootstrap intervals computed
+        from them on every rank; the result equals one process's bit for bit.  (Insertion values not
+        given are computed whole on every rank.)
     """
+    ranks = resolve_ranks(ranks)
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
     if z is None:
@@ -133,17 +180,18 @@ def measure_ace(G, S, layer: str, units, concept, n_samples: int = 200, seed: in
         values = values[torch.from_numpy(u)]
     abl = Intervention(layer, u, "ablate", region=region).to_edit(shape, image.shape[-2:])
     ins = Intervention(layer, u, "insert", values=values, region=region).to_edit(shape, image.shape[-2:])
-    out = {"original": [], "ablated": [], "inserted": []}
     batches, resumable = _batches(n_samples, batch_size), can_run_from(G, layer)
-    with Steps(progress, len(batches), f"ace {layer}") as steps:
-        for i0, i1 in batches:
-            zb = z[i0:i1].to(dev)
-            r = layer_activation(G, zb, layer) if resumable else None
-            for name, ivs in (("original", []), ("ablated", [abl]), ("inserted", [ins])):
-                x = render(G, zb, ivs, activation=r, layer=layer)
-                out[name].append(concept_presence(S, x, c).cpu())
-            steps.update()
-    o, a, n = (torch.cat(out[k]).numpy().astype(np.float64) for k in ("original", "ablated", "inserted"))
+
+    def presences(batch):  # (original, ablated, inserted) presences of one batch
+        zb = z[batch[0]:batch[1]].to(dev)
+        r = layer_activation(G, zb, layer) if resumable else None
+        out = tuple(concept_presence(S, render(G, zb, ivs, activation=r, layer=layer), c).cpu()
+                    for ivs in ([], [abl], [ins]))
+        steps.update()
+        return out
+    with Steps(_progress(progress, ranks), _my_steps(batches, ranks), f"ace {layer}") as steps:
+        parts = shared_map(presences, batches, ranks)
+    o, a, n = (torch.cat([p[j] for p in parts]).numpy().astype(np.float64) for j in range(3))
     N = len(o)
     ace_ci = bootstrap_ci(lambda idx: n[idx].mean() - a[idx].mean(), N, bootstrap, level)
     rem_ci = bootstrap_ci(lambda idx: _removal(o[idx], a[idx]), N, bootstrap, level, seed=1)
@@ -191,7 +239,7 @@ def unit_ace_cost(G, layer: str, n_samples: int = 64, batch_size: int = 16, unit
 
 def unit_ace(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batch_size: int = 16,
              values=None, insertion: InsertionValues | None = None, progress=True, units=None,
-             images_per_pass: int = 64) -> np.ndarray:
+             images_per_pass: int = 64, ranks: Ranks | None = None) -> np.ndarray:
     """(U,) single-unit ACE of the units of ``layer`` on ``concept`` (insert it alone minus ablate
     it alone): every unit, or those in ``units`` (the others are NaN).
 
@@ -199,21 +247,32 @@ def unit_ace(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batc
     batch of ``batch_size`` samples per unit), re-run from the layer where the model allows it,
     else whole forward passes with the edits hooked in.  ``unit_ace_cost`` counts the passes.
     ``progress``: see ``engine.progress`` (a step per pass: a group of units and a batch of samples).
-    Equal to ``unit_ace_reference``, which renders one unit at a time."""
+    ``ranks``: a ``torch.distributed`` job (default: the one initialised, else one process): the
+    passes (batch, group of units) are shared, the per-sample differences gathered; equal to one
+    process bit for bit.  Equal to ``unit_ace_reference``, which renders one unit at a time."""
+    ranks = resolve_ranks(ranks)
     c, dev, z, U, todo, values = _unit_ace_setup(G, S, layer, concept, n_samples, seed, values, insertion, units)
     resumable = can_run_from(G, layer)
-    per_sample = np.zeros((U, n_samples))
     batches, groups = _batches(n_samples, batch_size), _groups(todo, batch_size, images_per_pass)
-    with torch.no_grad(), Steps(progress, len(batches) * len(groups), f"unit ACE {layer}") as steps:
-        for i0, i1 in batches:
-            zb = z[i0:i1].to(dev)
-            r = layer_activation(G, zb, layer) if resumable else None
-            for us in groups:
-                onehot = torch.nn.functional.one_hot(torch.tensor(us, device=dev), U).float()
-                pin = _edited_presence(G, S, layer, c, zb, r, onehot, values)
-                pab = _edited_presence(G, S, layer, c, zb, r, onehot)
-                per_sample[us, i0:i1] = (pin - pab).cpu().numpy()
-                steps.update()
+    passes = [(b, g) for b in range(len(batches)) for g in range(len(groups))]
+    held = {}  # the batch this rank renders now: (latents, layer output); its passes come in order
+
+    def differences(item):
+        b, g = item
+        if b not in held:
+            held.clear()
+            zb = z[batches[b][0]:batches[b][1]].to(dev)
+            held[b] = zb, (layer_activation(G, zb, layer) if resumable else None)
+        zb, r = held[b]
+        onehot = torch.nn.functional.one_hot(torch.tensor(groups[g], device=dev), U).float()
+        pin = _edited_presence(G, S, layer, c, zb, r, onehot, values)
+        pab = _edited_presence(G, S, layer, c, zb, r, onehot)
+        steps.update()
+        return (pin - pab).cpu().numpy()
+    per_sample = np.zeros((U, n_samples))
+    with torch.no_grad(), Steps(_progress(progress, ranks), _my_steps(passes, ranks), f"unit ACE {layer}") as steps:
+        for (b, g), d in zip(passes, shared_map(differences, passes, ranks)):
+            per_sample[groups[g], batches[b][0]:batches[b][1]] = d
     return _unit_ace_result(per_sample, todo)
 
 
@@ -264,14 +323,19 @@ def removal_curve_cost(G, layer: str, rankings: dict, ks=(1, 2, 5, 10, 20, 50), 
 
 def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20, 50), n_samples: int = 100,
                   seed: int = 4, batch_size: int = 16, random_draws: int = 5, random_seed: int = 0,
-                  progress: bool = True, images_per_pass: int = 64) -> dict:
+                  progress: bool = True, images_per_pass: int = 64, ranks: Ranks | None = None) -> dict:
     """Removal ratio against the number of top units ablated, for each ranking and for random units.
 
     rankings: {name: unit indices in rank order} (e.g. IoU and ACE rankings).  The unit sets are
     ablated together, about ``images_per_pass`` images a pass (``removal_curve_cost`` counts them).
+    ranks: a ``torch.distributed`` job (default: the one initialised, else one process): the passes
+    (a batch unedited, or a batch and a group of unit sets) are shared, their per-batch sums gathered
+    and added in one process's order; the random sets are drawn alike on every rank; equal to one
+    process bit for bit.
     Returns {"ks": [...], "curves": {name: [...]}, "random_mean": [...], "random_std": [...],
     "random_draws": [[...], ...], "original": mean presence}.
     """
+    ranks = resolve_ranks(ranks)
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
     dev = model_device(G)
@@ -283,20 +347,32 @@ def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20
     for j, key in enumerate(keys):
         weights[j, torch.from_numpy(np.asarray(sets[key])).to(dev)] = 1
     resumable = can_run_from(G, layer)
+    batches, groups = _batches(n_samples, batch_size), _groups(list(range(len(keys))), batch_size, images_per_pass)
+    passes = [(b, g) for b in range(len(batches)) for g in [None] + list(range(len(groups)))]  # None: unedited
+    held = {}
+
+    def sums(item):  # per-batch presence sums: [unedited], or one per unit set of the group
+        b, g = item
+        if b not in held:
+            held.clear()
+            zb = z[batches[b][0]:batches[b][1]].to(dev)
+            held[b] = zb, (layer_activation(G, zb, layer) if resumable else None)
+        zb, r = held[b]
+        if g is None:
+            out = [float(concept_presence(S, render(G, zb, [], activation=r, layer=layer), c).double().sum())]
+        else:
+            out = [float(p) for p in _edited_presence(G, S, layer, c, zb, r, weights[groups[g]]).double().sum(1).cpu()]
+        steps.update()
+        return out
     orig = 0.0
     abl = dict.fromkeys(keys, 0.0)
-    batches, groups = _batches(n_samples, batch_size), _groups(list(range(len(keys))), batch_size, images_per_pass)
-    with torch.no_grad(), Steps(progress, len(batches) * (1 + len(groups)), f"removal {layer}") as steps:
-        for i0, i1 in batches:
-            zb = z[i0:i1].to(dev)
-            r = layer_activation(G, zb, layer) if resumable else None
-            orig += float(concept_presence(S, render(G, zb, [], activation=r, layer=layer), c).double().sum())
-            steps.update()
-            for group in groups:
-                pres = _edited_presence(G, S, layer, c, zb, r, weights[group]).double().sum(1).cpu().numpy()
-                for j, p in zip(group, pres):
-                    abl[keys[j]] += float(p)
-                steps.update()
+    with torch.no_grad(), Steps(_progress(progress, ranks), _my_steps(passes, ranks), f"removal {layer}") as steps:
+        for (b, g), values in zip(passes, shared_map(sums, passes, ranks)):  # added up in batch order
+            if g is None:
+                orig += values[0]
+            else:
+                for j, p in zip(groups[g], values):
+                    abl[keys[j]] += p
     ratio = {key: (1 - v / orig) if orig > 0 else float("nan") for key, v in abl.items()}
     curves = {name: [ratio[(name, k)] for k in ks] for name in rankings}
     draws = [[ratio[(f"random{d}", k)] for k in ks] for d in range(random_draws)]

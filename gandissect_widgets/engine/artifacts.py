@@ -10,6 +10,11 @@ Every distance and improvement carries a bootstrap interval over the generated s
 reference held fixed; resamples drawn as ``engine.ace.bootstrap_ci`` draws them, basic intervals,
 see ``bootstrap_interval``); the quantities compared are resampled together (paired), so "helps"
 and "does not help" can be told apart.
+
+In a ``torch.distributed`` job (``ranks``) the sample batches, the units and the removal
+measurements (one a distance: unedited, baseline, top-k, each random draw) are shared round robin
+(``engine.ace.shared_map``) and gathered in order; the random unit sets are drawn alike on every
+rank; every rank returns what one process returns, bit for bit.
 """
 from __future__ import annotations
 
@@ -17,12 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from gandissect_widgets.engine.ace import _my_steps, _progress, resolve_ranks, shared_map
+from gandissect_widgets.engine.distributed import Ranks
 from gandissect_widgets.engine.frechet import (bootstrap_indices, feature_stats, frechet_distance,
                                                frechet_resampled, segmenter_features, sqrtm_psd)
 from gandissect_widgets.engine.hooks import resolve_layers
 from gandissect_widgets.engine.interventions import Intervention, layer_activation, render
+from gandissect_widgets.engine.progress import Steps
 from gandissect_widgets.engine.protocols import model_device, sample_latents
 
 __all__ = ["ArtifactResult", "artifact_scores", "reference_stats", "bootstrap_interval"]
@@ -117,14 +124,16 @@ def _features(G, z, feature_fn, dev, batch_size, ivs=()):
 def artifact_scores(G, S, layer: str, reference, n_samples: int = 1000, seed: int = 6, top: int = 100,
                     units=None, ks=(5, 10, 20), n_eval: int = 500, random_draws: int = 3, batch_size: int = 32,
                     feature_fn=None, progress: bool = True, baseline=None, bootstrap: int = 1000,
-                    unit_bootstrap: int = 200, level: float = 0.95) -> ArtifactResult:
+                    unit_bootstrap: int = 200, level: float = 0.95, ranks: Ranks | None = None) -> ArtifactResult:
     """Score units of ``layer`` (all, or ``units``) by the Fréchet-distance improvement on their
     ``top`` samples among ``n_samples``; then ablate the top-k units (k in ``ks``) on ``n_eval``
     fresh samples and compare with ``random_draws`` sets of k random units, and with ``baseline``
     (a generator of the same latent space, unedited) when given.
 
     ``bootstrap``: resamples for the intervals of the removal figures; ``unit_bootstrap``: for each
-    unit's score (0: no unit intervals); ``level``: their coverage."""
+    unit's score (0: no unit intervals); ``level``: their coverage.  ``ranks``: a job to share the
+    work with (default: the one initialised, else one process), see the module doc."""
+    ranks = resolve_ranks(ranks)
     resolve_layers(G, [layer])
     if top < 2 or top > n_samples:
         raise ValueError(f"top must be in 2..n_samples ({n_samples}), got {top}")
@@ -137,34 +146,48 @@ def artifact_scores(G, S, layer: str, reference, n_samples: int = 1000, seed: in
     mu_r, s_r = reference_stats(reference, feature_fn)
     ref_sqrt = sqrtm_psd(np.atleast_2d(s_r))
     z = sample_latents(G, n_samples, seed)
-    maxima, feats = [], []
-    for i in tqdm(range(0, n_samples, batch_size), disable=not progress, desc=f"artifacts {layer}: samples"):
+    progress = _progress(progress, ranks)
+
+    def sample_batch(i):  # each unit's maximum and the features, of one batch of samples
         zb = z[i:i + batch_size].to(dev)
         r = layer_activation(G, zb, layer)
-        maxima.append(r.amax((2, 3)).cpu())
-        feats.append(feature_fn(render(G, zb, [], activation=r, layer=layer)))
-    maxima, feats = torch.cat(maxima), torch.cat(feats).numpy()
+        out = r.amax((2, 3)).cpu(), feature_fn(render(G, zb, [], activation=r, layer=layer))
+        steps.update()
+        return out
+    starts = range(0, n_samples, batch_size)
+    with Steps(progress, _my_steps(starts, ranks), f"artifacts {layer}: samples") as steps:
+        parts = shared_map(sample_batch, starts, ranks)
+    maxima, feats = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).numpy()
     U = maxima.shape[1]
     units = np.arange(U) if units is None else np.asarray(units, dtype=np.int64)
-    before, after = np.full(U, np.nan), np.full(U, np.nan)
-    score_ci = np.full((U, 2), np.nan) if unit_bootstrap else None
     unit_idx = bootstrap_indices(top, unit_bootstrap, seed + 1)
-    for u in tqdm(units, disable=not progress, desc=f"artifacts {layer}: units"):
+
+    def unit_score(u):  # (distance before, after, the score's interval) of unit u on its top samples
         idx = torch.argsort(maxima[:, u], descending=True, stable=True)[:top].numpy()
         f_before = feats[idx]
         f_after = _features(G, z[idx], feature_fn, dev, batch_size, ivs=[Intervention(layer, [int(u)], "ablate")])
-        before[u] = frechet_distance(*feature_stats(f_before), mu_r, s_r)
-        after[u] = frechet_distance(*feature_stats(f_after), mu_r, s_r)
+        b = frechet_distance(*feature_stats(f_before), mu_r, s_r)
+        a = frechet_distance(*feature_stats(f_after), mu_r, s_r)
+        ci = (np.nan, np.nan)
         if unit_bootstrap:
-            score_ci[u] = bootstrap_interval(
-                before[u] - after[u], frechet_resampled(f_before, mu_r, s_r, unit_idx, ref_sqrt=ref_sqrt)
+            ci = bootstrap_interval(
+                b - a, frechet_resampled(f_before, mu_r, s_r, unit_idx, ref_sqrt=ref_sqrt)
                 - frechet_resampled(f_after, mu_r, s_r, unit_idx, ref_sqrt=ref_sqrt), level)
+        steps.update()
+        return b, a, ci
+    before, after = np.full(U, np.nan), np.full(U, np.nan)
+    score_ci = np.full((U, 2), np.nan) if unit_bootstrap else None
+    with Steps(progress, _my_steps(units, ranks), f"artifacts {layer}: units") as steps:
+        for u, (b, a, ci) in zip(units, shared_map(unit_score, units, ranks)):
+            before[u], after[u] = b, a
+            if unit_bootstrap:
+                score_ci[u] = ci
     score = np.where(np.isnan(before), -np.inf, before - after)
     ranking = np.lexsort((np.arange(U), -score))[:len(units)]
     removal = {}
     if n_eval >= 2:
         removal = _removal(G, layer, units, ranking, ks, feature_fn, (mu_r, s_r, ref_sqrt), seed, n_samples, n_eval,
-                           random_draws, batch_size, baseline, bootstrap, level, dev)
+                           random_draws, batch_size, baseline, bootstrap, level, dev, ranks, progress)
     settings = dict(n_samples=n_samples, seed=seed, top=top, n_eval=n_eval, random_draws=random_draws,
                     bootstrap=bootstrap, unit_bootstrap=unit_bootstrap, level=level,
                     feature_space=getattr(feature_fn, "__qualname__", "custom"))
@@ -172,33 +195,43 @@ def artifact_scores(G, S, layer: str, reference, n_samples: int = 1000, seed: in
 
 
 def _removal(G, layer, units, ranking, ks, feature_fn, ref, seed, n_samples, n_eval, random_draws, batch_size,
-             baseline, bootstrap, level, dev):
-    """Top-k vs random-k ablation on fresh samples: distances with intervals, paired by resample."""
+             baseline, bootstrap, level, dev, ranks=None, progress=False):
+    """Top-k vs random-k ablation on fresh samples: distances with intervals, paired by resample.
+    Every distance is one measurement; the random sets are drawn first (as one process draws them),
+    then the measurements are shared."""
+    ranks = resolve_ranks(ranks)
     mu_r, s_r, ref_sqrt = ref
     ze = sample_latents(G, n_samples + n_eval, seed)[n_samples:]
     idx = bootstrap_indices(n_eval, bootstrap, seed)
+    rng = np.random.RandomState(seed)
+    ks = [int(k) for k in ks if 0 < k <= len(units)]
+    jobs = [(G, ())] + ([(baseline, ())] if baseline is not None else [])  # (model, interventions)
+    for k in ks:
+        jobs.append((G, [Intervention(layer, ranking[:k], "ablate")]))
+        jobs += [(G, [Intervention(layer, rng.choice(units, k, replace=False), "ablate")]) for _ in range(random_draws)]
 
-    def measure(model, ivs=()):
+    def measure(j):
+        model, ivs = jobs[j]
         f = _features(model, ze, feature_fn, dev, batch_size, ivs=ivs)
         point = frechet_distance(*feature_stats(f), mu_r, s_r)
-        return point, frechet_resampled(f, mu_r, s_r, idx, ref_sqrt=ref_sqrt) if bootstrap else np.full(1, np.nan)
+        out = point, frechet_resampled(f, mu_r, s_r, idx, ref_sqrt=ref_sqrt) if bootstrap else np.full(1, np.nan)
+        steps.update()
+        return out
+    with Steps(progress, _my_steps(jobs, ranks), f"artifacts {layer}: removal") as steps:
+        measured = iter(shared_map(measure, range(len(jobs)), ranks))
 
     def ci(point, v):
         return list(bootstrap_interval(point, v, level))
-    base, base_b = measure(G)
+    base, base_b = next(measured)
     rem = {"n_eval": n_eval, "fd_original": base, "fd_original_ci": ci(base, base_b), "ks": [], "fd_top": [],
            "fd_top_ci": [], "gain_top_ci": [], "fd_random": [], "fd_random_std": [], "fd_random_draws": [],
            "fd_random_ci": [], "gain_random_ci": []}
     if baseline is not None:
-        clean, clean_b = measure(baseline)
+        clean, clean_b = next(measured)
         rem.update(fd_baseline=clean, fd_baseline_ci=ci(clean, clean_b), top_vs_baseline_ci=[], random_vs_baseline_ci=[])
-    rng = np.random.RandomState(seed)
     for k in ks:
-        if not 0 < k <= len(units):
-            continue
-        top_fd, top_b = measure(G, [Intervention(layer, ranking[:k], "ablate")])
-        draws = [measure(G, [Intervention(layer, rng.choice(units, k, replace=False), "ablate")])
-                 for _ in range(random_draws)]
+        top_fd, top_b = next(measured)
+        draws = [next(measured) for _ in range(random_draws)]
         rnd = np.array([d[0] for d in draws]) if draws else np.full(1, np.nan)
         rnd_b = np.stack([d[1] for d in draws]) if draws else np.full((1, 1), np.nan)
         rp = rnd[:, None]                               # pooled intervals: each draw reflected about its own point

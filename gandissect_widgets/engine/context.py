@@ -5,6 +5,11 @@ For each sample and each chosen cell of the layer grid, the concept's units are 
 insertion values in that cell alone (the engine's ``Edit``, a mask per copy of the sample, 64
 places a pass re-run from the layer); the concept pixels added to the image are tabulated by the
 label the unedited image has at the centre of that cell.
+
+In a ``torch.distributed`` job (``ranks``) the places are drawn first, alike on every rank (as
+one process draws them), then the batches of samples are shared round robin and their insertions
+gathered back in order (``engine.ace.shared_map``): every rank returns one process's table, bit
+for bit.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gandissect_widgets.engine.hooks import check_units
-from gandissect_widgets.engine.hooks import Edit, can_run_from, resolve_layers
+from gandissect_widgets.engine.ace import _my_steps, _progress, resolve_ranks, shared_map
+from gandissect_widgets.engine.distributed import Ranks
+from gandissect_widgets.engine.hooks import Edit, can_run_from, check_units, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, concept_index, layer_activation,
                                                      render)
 from gandissect_widgets.engine.progress import Steps
@@ -56,7 +62,7 @@ class ContextResult:
 def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100, seed: int = 5,
                          locations: int | None = 8, batch_size: int = 8, values=None,
                          insertion: InsertionValues | None = None, strength: float = 1.0, patch: int = 1,
-                         progress: bool = True) -> ContextResult:
+                         progress: bool = True, ranks: Ranks | None = None) -> ContextResult:
     """Insert ``units`` (e.g. the concept's top-20 by IoU) at one place at a time.
 
     locations: places per sample, drawn at random (seeded), or None for every place of the grid.
@@ -64,7 +70,9 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
         context is the label at its centre.  strength: the units are set to ``strength`` times
         their insertion values (small GANs may need 2-4, and a patch, to draw an object).
     progress: see ``engine.progress`` (a step per pass of 64 insertions).
+    ranks: a job to share the batches with (default: the one initialised, else one process).
     """
+    ranks = resolve_ranks(ranks)
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
     if not can_run_from(G, layer):
@@ -87,40 +95,39 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
         values = values[torch.from_numpy(units).to(dev)]
     values = values * float(strength)
     gh, gw = h - patch + 1, w - patch + 1  # top-left cells of the places
-    rng = np.random.RandomState(seed)
     L = len(S.labels)
     uidx = torch.from_numpy(units).to(dev)
-    labels, added = [], []  # per insertion, in order: the context label, the concept fraction added
     per = gh * gw if locations is None else min(locations, gh * gw)  # places per sample
-    batches = range(0, n_samples, batch_size)
-    passes = sum(-(-min(batch_size, n_samples - i) * per // _PER_PASS) for i in batches)
-    with Steps(progress, passes, f"context {layer}") as steps:
-        for i in batches:
-            zb = z[i:i + batch_size].to(dev)
-            r = layer_activation(G, zb, layer)
-            B = r.shape[0]
-            seg0 = segment(S, render(G, zb, [], activation=r, layer=layer))
-            H, W = seg0.shape[-2:]
-            base = (seg0 == c).any(1).float().mean((1, 2))  # (B,)
-            if locations is None:
-                places = [np.arange(gh * gw)] * B
-            else:
-                places = [rng.choice(gh * gw, per, replace=False) for _ in range(B)]
-            b = np.repeat(np.arange(B), [len(p) for p in places])
-            pos = np.concatenate(places).astype(np.int64)
-            y, x = pos // gw, pos % gw
-            cy = np.minimum(H - 1, ((y + patch / 2) * H / h).astype(np.int64))  # the centre of each place
-            cx = np.minimum(W - 1, ((x + patch / 2) * W / w).astype(np.int64))
-            labels.append(seg0[torch.from_numpy(b).to(dev), 0, torch.from_numpy(cy).to(dev),
-                               torch.from_numpy(cx).to(dev)].cpu().numpy())
-            for j0 in range(0, len(b), _PER_PASS):
-                j1 = j0 + _PER_PASS
-                bidx = torch.from_numpy(b[j0:j1]).to(dev)
-                edit = Edit(layer, uidx, values, _patch_masks(y[j0:j1], x[j0:j1], patch, (h, w), r))
-                seg1 = segment(S, render(G, None, [edit], activation=r[bidx], layer=layer))
-                added.append(((seg1 == c).any(1).float().mean((1, 2)) - base[bidx]).cpu().numpy())
-                steps.update()
-    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    starts = list(range(0, n_samples, batch_size))
+    places = _places(starts, batch_size, n_samples, gh * gw, per, locations is None, seed)
+    passes = [-(-len(b) // _PER_PASS) for b, _ in places]
+
+    def insertions(j):  # (the context label, the concept fraction added) of each insertion of batch j
+        zb = z[starts[j]:starts[j] + batch_size].to(dev)
+        r = layer_activation(G, zb, layer)
+        seg0 = segment(S, render(G, zb, [], activation=r, layer=layer))
+        H, W = seg0.shape[-2:]
+        base = (seg0 == c).any(1).float().mean((1, 2))  # (B,)
+        b, pos = places[j]
+        y, x = pos // gw, pos % gw
+        cy = np.minimum(H - 1, ((y + patch / 2) * H / h).astype(np.int64))  # the centre of each place
+        cx = np.minimum(W - 1, ((x + patch / 2) * W / w).astype(np.int64))
+        labels = seg0[torch.from_numpy(b).to(dev), 0, torch.from_numpy(cy).to(dev),
+                      torch.from_numpy(cx).to(dev)].cpu().numpy()
+        added = []
+        for j0 in range(0, len(b), _PER_PASS):
+            j1 = j0 + _PER_PASS
+            bidx = torch.from_numpy(b[j0:j1]).to(dev)
+            edit = Edit(layer, uidx, values, _patch_masks(y[j0:j1], x[j0:j1], patch, (h, w), r))
+            seg1 = segment(S, render(G, None, [edit], activation=r[bidx], layer=layer))
+            added.append(((seg1 == c).any(1).float().mean((1, 2)) - base[bidx]).cpu().numpy())
+            steps.update()
+        return labels, added
+    mine = sum(passes[j] for j in ranks.share(range(len(starts))))
+    with Steps(_progress(progress, ranks), mine, f"context {layer}") as steps:
+        parts = shared_map(insertions, range(len(starts)), ranks)
+    labels = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    added = [a for p in parts for a in p[1]]
     added = np.concatenate(added) if added else np.zeros(0, np.float32)
     count = np.bincount(labels, minlength=L).astype(np.float64)
     s1 = np.bincount(labels, weights=added, minlength=L)
@@ -131,6 +138,18 @@ def contextual_insertion(G, S, layer: str, concept, units, n_samples: int = 100,
                     patch=patch, strength=float(strength))
     return ContextResult(layer, S.labels[c], units.tolist(), list(S.labels), count, mean,
                          np.sqrt(np.clip(var, 0, None)), settings)
+
+
+def _places(starts, batch_size, n_samples, n_places, per, every, seed):
+    """For each batch: (the sample in the batch, the place) of each insertion, the places of each
+    sample drawn in sample order from one seeded stream (or every place), whoever renders them."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in starts:
+        B = min(batch_size, n_samples - i)
+        chosen = [np.arange(n_places)] * B if every else [rng.choice(n_places, per, replace=False) for _ in range(B)]
+        out.append((np.repeat(np.arange(B), [len(p) for p in chosen]), np.concatenate(chosen).astype(np.int64)))
+    return out
 
 
 def _patch_masks(y, x, patch, grid, like):
