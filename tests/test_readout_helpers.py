@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gandissect_widgets.engine.hooks import Edit, check_units
-from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU, concept_index, descending
+from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU, concept_index, descending, descending_within
 
 
 def test_descending_ties_by_index_and_nan_last():
@@ -12,6 +12,16 @@ def test_descending_ties_by_index_and_nan_last():
     assert descending(v).tolist() == [2, 5, 0, 3, 4, 1]
     brute = sorted(range(len(v)), key=lambda i: (np.isnan(v[i]), -np.nan_to_num(v[i]), i))
     assert descending(v).tolist() == brute
+
+
+def test_descending_within_groups_orders_by_group_then_as_descending():
+    """The unit browser's "by concept" order: concept names alphabetically, then IoU down, ties by unit, NaN last."""
+    names = np.array(["tree", "sky", "tree", "sky", "door", "tree", "sky"], dtype=object)
+    v = np.array([0.1, np.nan, 0.3, 0.2, 0.0, 0.3, 0.2])
+    brute = sorted(range(len(v)), key=lambda i: (names[i], np.isnan(v[i]), -np.nan_to_num(v[i]), i))
+    assert descending_within(names, v).tolist() == brute == [4, 3, 6, 1, 2, 5, 0]
+    with pytest.raises(ValueError, match="2 groups for 3 values"):
+        descending_within(["a", "b"], [1, 2, 3])
 
 
 def test_concept_index_by_name_or_index():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import gandissect_widgets as gw
+from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU
 from gandissect_widgets.widgets import AblationPanel, IouRanking, LayerSummary, PaintWidget, UnitBrowser, dashboard
 from gandissect_widgets.widgets.worker import LatestWins
 
@@ -543,3 +544,34 @@ def test_two_threads_changing_the_session_leave_every_view_consistent():
         assert v.wait(120)
         assert v.last_error is None, (type(v).__name__, v.last_error)
     assert views[2].unit_toggles()[0].value is True
+
+
+def test_views_rank_and_cut_off_as_the_engine_does(session):
+    """The browser's sorts, its "interpretable only" filter, the ranking's order (NaN ACE left out)
+    and the summary's default cut-off are the engine's (readout.descending, DEFAULT_MIN_IOU)."""
+    d = session.dissection
+    ious, names = d.unit_ious("layer2"), d.unit_labels("layer2")
+    b = UnitBrowser(session, per_page=6)
+    b.layer.value = "layer2"
+    b.sort.value = "concept"
+    assert b.wait() and b.order() == sorted(range(len(ious)), key=lambda u: (names[u], -ious[u], u))
+    b.sort.value = "iou"
+    assert b.wait() and b.order() == sorted(range(len(ious)), key=lambda u: (-ious[u], u))
+    b.interp_only.value = True
+    assert b.wait() and b.order() == [u for u in sorted(range(len(ious)), key=lambda u: (-ious[u], u))
+                                      if ious[u] > DEFAULT_MIN_IOU]
+    assert 0 < len(b.order()) < len(ious)
+    r = IouRanking(session)
+    r.layer.value = "layer2"
+    ace = np.linspace(0.1, 0.4, len(ious))[::-1].copy()
+    ace[[0, 5]] = np.nan
+    ace[3] = ace[4]  # a tie: by unit
+    session.ace[("layer2", r.concept.value)] = ace
+    try:
+        r.metric.value = "ACE"
+        assert r.wait() and r.last_error is None
+        assert r.ranked() == sorted(set(range(len(ace))) - {0, 5}, key=lambda u: (-ace[u], u))
+    finally:
+        session.ace.pop(("layer2", r.concept.value))
+        r.metric.value = "IoU"
+    assert LayerSummary(session).min_iou.value == DEFAULT_MIN_IOU

@@ -15,7 +15,7 @@ import torch
 
 from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram
 
-__all__ = ["read_layer", "DEFAULT_MIN_IOU", "concept_index", "descending"]
+__all__ = ["read_layer", "DEFAULT_MIN_IOU", "concept_index", "descending", "descending_within"]
 
 DEFAULT_MIN_IOU = 0.04  # the papers' interpretability cut-off: a unit whose best IoU exceeds it is interpretable
 
@@ -37,6 +37,16 @@ def descending(values) -> np.ndarray:
     artifact score, alpha) orders this way, so two views of one ranking never disagree."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     return np.lexsort((np.arange(v.shape[0]), -np.nan_to_num(v, nan=-np.inf)))
+
+
+def descending_within(groups, values) -> np.ndarray:
+    """Indices by ``groups`` (ascending: concept names sort alphabetically), within a group as
+    ``descending`` orders them (by descending value, ties by index, NaN last): units by concept."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    g = np.asarray(groups).reshape(-1)
+    if g.shape != v.shape:
+        raise ValueError(f"{g.shape[0]} groups for {v.shape[0]} values")
+    return np.lexsort((np.arange(v.shape[0]), -np.nan_to_num(v, nan=-np.inf), g))
 
 
 def read_layer(h: TailHistogram, moments: RunningMoments, topk: RunningTopK, quantile: float, shape, concepts: int,

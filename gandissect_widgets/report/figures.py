@@ -242,7 +242,7 @@ def interpretable_units_figures(dissections, min_iou: float = DEFAULT_MIN_IOU):
 def unit_iou_figure(dissection, layer: str, unit: int, top: int = 10, min_iou: float = DEFAULT_MIN_IOU):
     """A unit's IoU with its best concepts (horizontal bars); the dashed line is the ``min_iou`` cut-off."""
     iou = dissection.iou(layer)[unit]
-    order = [c for c in np.argsort(-iou, kind="stable") if c > 0][:top]
+    order = [c for c in descending(iou) if c > 0][:top]
     fig = PngFigure(figsize=(3.4, 0.22 * len(order) + 0.9))
     ax = fig.subplots()
     ax.barh([dissection.labels[c] for c in order][::-1], iou[order][::-1], color="tab:blue")
@@ -386,7 +386,8 @@ def compare_dissections_figure(dissections: dict, layers=None, min_iou: float = 
     styles = ["-", "--", ":", "-."]
     for i, n in enumerate(names):
         for j, l in enumerate(lay[n]):
-            ious = np.sort(dissections[n].unit_ious(l))[::-1]
+            ious = dissections[n].unit_ious(l)
+            ious = ious[descending(ious)]
             x = (np.arange(len(ious)) + 0.5) / len(ious)
             ax.plot(x, ious, styles[i % len(styles)], color=colormaps["viridis"](j / max(1, len(lay[n]) - 1)),
                     lw=1.2, label=f"{n}: {l}")

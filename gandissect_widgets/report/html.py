@@ -216,7 +216,7 @@ def _layer_section(d, layer, min_iou, strips):
     for u in order:
         u = int(u)
         label = d.labels[int(ids[u])]
-        others = [c for c in np.argsort(-iou[u], kind="stable") if c > 0 and c != ids[u] and iou[u, c] > 0][:3]
+        others = [c for c in descending(iou[u]) if c > 0 and c != ids[u] and iou[u, c] > 0][:3]
         also = ", ".join(f"{d.labels[c]} {iou[u, c]:.3f}" for c in others)
         pic = ""
         if u in strips:  # small generator outputs are shown enlarged (crisp pixels)

@@ -7,6 +7,7 @@ import ipywidgets as W
 import numpy as np
 
 from gandissect_widgets.engine.imaging import grid, heatmap, overlay_mask, strip
+from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU, descending, descending_within
 from gandissect_widgets.report.figures import heatmap_colorbar_figure, unit_histogram_figure, unit_iou_figure
 from gandissect_widgets.widgets.base import Chart, View, caption, image_widget, pixels, row
 from gandissect_widgets.widgets.encode import encode_image, figure_pngs
@@ -85,12 +86,11 @@ class UnitBrowser(View):
         if self.filter.value != ALL:
             units = units[ids == d.concept_index(self.filter.value)]
         if self.interp_only.value:
-            units = units[ious[units] > 0.04]
+            units = units[d.interpretable(L, DEFAULT_MIN_IOU)[units]]
         if self.sort.value == "iou":
-            units = units[np.argsort(-ious[units], kind="stable")]
+            units = units[descending(ious[units])]
         elif self.sort.value == "concept":
-            names = np.array(d.labels, dtype=object)[ids[units]]
-            units = units[np.lexsort((-ious[units], names))]
+            units = units[descending_within(np.array(d.labels, dtype=object)[ids[units]], ious[units])]
         return [int(u) for u in units]
 
     def _controls_changed(self, change):

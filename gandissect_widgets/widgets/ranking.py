@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipywidgets as W
 import numpy as np
 
+from gandissect_widgets.engine.readout import descending
 from gandissect_widgets.report.figures import ranking_figure
 from gandissect_widgets.widgets.base import Chart, View, row
 from gandissect_widgets.widgets.encode import figure_pngs
@@ -65,8 +66,7 @@ class IouRanking(View):
     def ranked(self) -> list[int]:
         """Units by the metric, best first; units without a score are left out."""
         sc = self.scores()
-        order = np.lexsort((np.arange(len(sc)), -np.nan_to_num(sc, nan=-np.inf)))
-        return [int(u) for u in order if np.isfinite(sc[u])]
+        return [int(u) for u in descending(sc) if np.isfinite(sc[u])]
 
     def refresh(self):
         try:

@@ -7,6 +7,7 @@ import html
 
 import ipywidgets as W
 
+from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU
 from gandissect_widgets.report.figures import interpretable_units_figures
 from gandissect_widgets.widgets.base import Chart, View, caption, row
 from gandissect_widgets.widgets.encode import figure_pngs
@@ -19,7 +20,7 @@ class LayerSummary(View):
 
     def __init__(self, session, other=None, names=("this model", "other")):
         self.other, self.names = other, names
-        self.min_iou = W.FloatSlider(value=0.04, min=0.0, max=0.3, step=0.01, description="min IoU",
+        self.min_iou = W.FloatSlider(value=DEFAULT_MIN_IOU, min=0.0, max=0.3, step=0.01, description="min IoU",
                                      continuous_update=False, readout_format=".2f", layout=W.Layout(width="320px"))
         self.left, self.right = Chart(), Chart()  # a light and a dark theme's copy each
         self.ylims = []  # the charts' y limits (shared), as drawn
