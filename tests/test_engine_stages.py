@@ -401,3 +401,67 @@ def test_concept_positions_are_counted_once_per_sample_and_resume(tmp_path, monk
     resumed = gw.dissect(G, S, ["layer2"], cache_dir=tmp_path, **kw)
     np.testing.assert_array_equal(resumed.concept_positions[0], counts)
     assert resumed.concept_positions[1] == 48
+
+
+# -- the ICLR code's second interpretability condition: IQR at the unit's threshold ---------------
+def brute_force_table_iqr(M, C):
+    """IQR = I(M; C) / H(M, C) of two boolean arrays, from the joint distribution counted directly."""
+    M, C = M.reshape(-1), C.reshape(-1)
+    p = {(a, b): float(np.mean((M == a) & (C == b))) for a in (True, False) for b in (True, False)}
+    pm, pc = {a: float(np.mean(M == a)) for a in (True, False)}, {b: float(np.mean(C == b)) for b in (True, False)}
+    mi = sum(v * math.log(v / (pm[a] * pc[b])) for (a, b), v in p.items() if v > 0)
+    je = -sum(v * math.log(v) for v in p.values() if v > 0)
+    return max(mi, 0.0) / je if je > 0 else 0.0
+
+
+def test_iqr_at_threshold_against_a_brute_force():
+    """readout.iqr_at_threshold from a result's counts is MI / JE of (mask at the unit's threshold,
+    concept) over the dissection's samples, counted directly; on small data and through dissect."""
+    from gandissect_widgets.engine.readout import iqr_at_threshold
+    g = torch.Generator().manual_seed(3)
+    up = torch.randn(4, 3, 6, 5, generator=g)
+    seg = torch.randint(0, 4, (4, 2, 6, 5), generator=g)
+    seg[:, :, :2] = 3  # concept 3 sits where unit 2 is high: a unit that tells something
+    up[:, 2, :2] += 2
+    t = torch.tensor([0.5, -3.0, 1.0])  # unit 1's mask is every pixel: no information
+    c = count_at(up, seg, t, 4)
+    got = iqr_at_threshold(c["intersection"].numpy(), c["mask_pixels"].numpy(), c["concept_pixels"].numpy(),
+                           c["n_pixels"].numpy())
+    masks = concept_masks(seg, 4).numpy()
+    for u in range(3):
+        for k in range(1, 4):
+            ref = brute_force_table_iqr(up[:, u].numpy() > float(t[u]), masks[:, k])
+            assert abs(got[u, k] - ref) < 1e-12, (u, k)
+    assert (got[:, 0] == 0).all() and (got[1] == 0).all() and got[2, 3] == got.max() > 0.1
+    G, S = TinyGenerator(), TinySegmenter()
+    d = gw.dissect(G, S, ["layer2"], n_samples=12, batch_size=4, progress=False)
+    ups, seg = maps_and_labels(G, S, ["layer2"], 12, 1)
+    masks = concept_masks(seg, len(S.labels)).numpy()
+    got = iqr_at_threshold(*(d.array("layer2", k) for k in ("intersection", "mask_pixels", "concept_pixels",
+                                                           "n_pixels")))
+    for u in range(got.shape[0]):
+        for k in range(1, len(S.labels)):
+            ref = brute_force_table_iqr(ups["layer2"][:, u].numpy() > float(d.thresholds("layer2")[u]), masks[:, k])
+            assert abs(got[u, k] - ref) < 1e-9, (u, k)
+
+
+def test_min_iqr_rules_out_masks_that_tell_nothing():
+    """IoU alone calls a unit that fires on half of every image, wherever a concept on a tenth of
+    the pixels is, a concept unit (IoU 0.09 > 0.04); the ICLR code's second condition (IQR > 0.01)
+    does not.  Planted units pass both, under either threshold rule."""
+    from gandissect_widgets.engine.readout import DEFAULT_MIN_IQR, interpretable, iqr_at_threshold
+    assert DEFAULT_MIN_IQR == 0.01
+    P = 1000  # unit 0: independent of the concept; unit 1: the concept's own mask
+    iqr = iqr_at_threshold(np.array([[0, 50], [0, 100]]), np.array([500, 100]), np.array([0, 100]), P)
+    iou = np.array([50 / 550, 1.0])
+    assert abs(iqr[0, 1]) < 1e-12 and abs(iqr[1, 1] - 1) < 1e-12
+    assert interpretable(iou).tolist() == [True, True]
+    assert interpretable(iou, unit_iqrs=iqr[:, 1]).tolist() == [False, True]
+    assert interpretable(iou, 0.04, iqr[:, 1], min_iqr=-1).tolist() == [True, True]
+    G, S = gw.load_generator("planted", concepts=4, units=16), gw.load_segmenter("planted", concepts=4)
+    d = gw.dissect(G, S, ["layer1"], n_samples=100, batch_size=50, progress=False)
+    q = iqr_at_threshold(*(d.array("layer1", k) for k in ("intersection", "mask_pixels", "concept_pixels",
+                                                         "n_pixels")))
+    unit_iqr = q[np.arange(16), d.unit_label_ids("layer1")]
+    assert (unit_iqr[:4] > 0.5).all()
+    assert interpretable(d.unit_ious("layer1"), unit_iqrs=unit_iqr).tolist() == [True] * 4 + [False] * 12

@@ -14,10 +14,16 @@ import numpy as np
 import torch
 
 from gandissect_widgets.engine.stats import RunningMoments, RunningTopK, TailHistogram
+from gandissect_widgets.engine.thresholds import mutual_information
 
-__all__ = ["read_layer", "DEFAULT_MIN_IOU", "concept_index", "descending", "descending_within"]
+__all__ = ["read_layer", "DEFAULT_MIN_IOU", "DEFAULT_MIN_IQR", "concept_index", "descending", "descending_within",
+           "iqr_at_threshold", "interpretable"]
 
 DEFAULT_MIN_IOU = 0.04  # the papers' interpretability cut-off: a unit whose best IoU exceeds it is interpretable
+# the ICLR code's second condition under its IQR rule (``iqr_threshold``, reference 1.7): the unit's
+# IQR with its label at its threshold, over the dissection samples, must exceed it too (that code's
+# IoU cut-off was 0.05; the PNAS code's, and ours, 0.04)
+DEFAULT_MIN_IQR = 0.01
 
 
 def concept_index(labels, concept) -> int:
@@ -47,6 +53,38 @@ def descending_within(groups, values) -> np.ndarray:
     if g.shape != v.shape:
         raise ValueError(f"{g.shape[0]} groups for {v.shape[0]} values")
     return np.lexsort((np.arange(v.shape[0]), -np.nan_to_num(v, nan=-np.inf), g))
+
+
+def iqr_at_threshold(intersection, mask_pixels, concept_pixels, n_pixels) -> np.ndarray:
+    """(U, C) float64 IQR = MI / JE of (unit mask at its threshold, concept) over the dissection's
+    samples, from a result's counts (``read_layer``'s arrays of those names): the ICLR code's
+    ``iou_iqr`` (its bincount pass), with its rules there: MI and JE at least 0, 0/0 = 0, and none of
+    the threshold choice's (agreement, rare concepts).  Both margins are fractions of all pixels, as
+    in ``thresholds.iqr_scores`` (the original divided by the pixels of images holding the concept's
+    category).  Column 0 (unlabeled) is 0.  Under nonfinite="skip" the totals are the layer's."""
+    inter = torch.as_tensor(np.asarray(intersection), dtype=torch.float64)
+    P = max(float(np.asarray(n_pixels)), 1.0)
+    pred = torch.as_tensor(np.asarray(mask_pixels), dtype=torch.float64)[:, None] / P
+    truth = torch.as_tensor(np.asarray(concept_pixels), dtype=torch.float64)[None, :] / P
+    if inter.shape != (pred.shape[0], truth.shape[1]):
+        raise ValueError(f"intersection has shape {tuple(inter.shape)}, but there are {pred.shape[0]} units and "
+                         f"{truth.shape[1]} concepts")
+    mi, je, _ = mutual_information(inter / P, pred, truth)
+    iqr = (mi.clamp(min=0) / je.clamp(min=0)).nan_to_num(0.0, 0.0, 0.0)
+    iqr[:, 0] = 0
+    return iqr.numpy()
+
+
+def interpretable(unit_ious, min_iou: float = DEFAULT_MIN_IOU, unit_iqrs=None,
+                  min_iqr: float = DEFAULT_MIN_IQR) -> np.ndarray:
+    """(U,) bool: a unit's IoU with its label exceeds ``min_iou`` and, when ``unit_iqrs`` (its IQR
+    with that label at its threshold, ``iqr_at_threshold``) is given, that exceeds ``min_iqr``: the
+    ICLR code's rule under its IQR thresholds (a mask on half the pixels, independent of a concept
+    on a tenth of them, has IoU 0.09 with it and tells nothing about it: IQR 0)."""
+    ok = np.asarray(unit_ious, dtype=np.float64) > min_iou
+    if unit_iqrs is not None:
+        ok &= np.asarray(unit_iqrs, dtype=np.float64) > min_iqr
+    return ok
 
 
 def read_layer(h: TailHistogram, moments: RunningMoments, topk: RunningTopK, quantile: float, shape, concepts: int,

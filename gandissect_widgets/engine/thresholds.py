@@ -33,7 +33,7 @@ import torch
 from gandissect_widgets.engine.stats import MAX_BINS, TailHistogram, grid_edges
 
 __all__ = ["THRESHOLDS", "QuantileRule", "IqrRule", "threshold_rule", "iqr_fractions", "Candidates",
-           "candidate_levels", "iqr_scores", "IqrChoice", "choose_levels"]
+           "candidate_levels", "mutual_information", "iqr_scores", "IqrChoice", "choose_levels"]
 
 THRESHOLDS = ("quantile", "iqr")
 _MIN_TRUTH = 1e-3   # concepts covering less of the pixels get MI 0 (reference 1.5: 1e-4 skipped, 1e-3 zeroed)
@@ -123,18 +123,10 @@ def candidate_levels(values: torch.Tensor, fractions: torch.Tensor, grid_bins: i
     return Candidates(grid, index, grid.gather(1, index))
 
 
-def iqr_scores(hist: TailHistogram, levels: torch.Tensor) -> torch.Tensor:
-    """(U, C, J) float64 IQR = MI / JE of (unit mask at candidate j, concept c), from the exact
-    counts of ``hist``, the candidates' joint histogram (edges ``Candidates.edges()``, ascending),
-    with the reference's rules (module docstring); ``levels`` (U, J) in the order of the fractions.
-    Column 0 (unlabeled) is 0."""
-    C = hist.concepts
-    P = hist.n_pixels.double().clamp(min=1)
-    mask = hist.counts_above().double()                                                 # (U, J), ascending
-    tail = hist.joint[:, :C, 1:].flip(2).cumsum(2).flip(2).double()                     # (U, C, J)
-    pred = (mask / P).flip(1)[:, None, :]                                                # in fraction order
-    isect = (tail / P).flip(2)
-    truth = (hist.concept_pixels[:C].double() / P)[None, :, None]
+def mutual_information(isect: torch.Tensor, pred: torch.Tensor, truth: torch.Tensor):
+    """(MI, JE, agreement) of the 2x2 table of (unit mask, concept mask) given as fractions of
+    the pixels: ``isect`` both, ``pred`` the mask, ``truth`` the concept (broadcast together).
+    Cells are clamped to [0, 1]; 0 log 0 = 0.  The one formula of the IQR rule and the readout."""
     a11 = isect
     a10 = pred - isect
     a01 = truth - isect
@@ -148,10 +140,25 @@ def iqr_scores(hist: TailHistogram, levels: torch.Tensor) -> torch.Tensor:
 
     mi = sum(xlogy(a, a / (r * c)) for a, r, c in zip(cells, rows, cols))
     je = -sum(xlogy(a, a) for a in cells)
+    return mi, je, cells[0] + cells[3]
+
+
+def iqr_scores(hist: TailHistogram, levels: torch.Tensor) -> torch.Tensor:
+    """(U, C, J) float64 IQR = MI / JE of (unit mask at candidate j, concept c), from the exact
+    counts of ``hist``, the candidates' joint histogram (edges ``Candidates.edges()``, ascending),
+    with the reference's rules (module docstring); ``levels`` (U, J) in the order of the fractions.
+    Column 0 (unlabeled) is 0."""
+    C = hist.concepts
+    P = hist.n_pixels.double().clamp(min=1)
+    mask = hist.counts_above().double()                                                 # (U, J), ascending
+    tail = hist.joint[:, :C, 1:].flip(2).cumsum(2).flip(2).double()                     # (U, C, J)
+    pred = (mask / P).flip(1)[:, None, :]                                                # in fraction order
+    isect = (tail / P).flip(2)
+    truth = (hist.concept_pixels[:C].double() / P)[None, :, None]
+    mi, je, agreement = mutual_information(isect, pred, truth)
     mi[:, :, -1] = 0                                                   # the last level (100%) says nothing
     mi = torch.where(truth < _MIN_TRUTH, torch.zeros_like(mi), mi)     # rare concepts
     iqr = (mi / je).nan_to_num(0.0, 0.0, 0.0)
-    agreement = cells[0] + cells[3]
     iqr = torch.where((agreement <= _AGREEMENT) | (levels.double()[:, None, :] <= 0), torch.zeros_like(iqr), iqr)
     iqr[:, 0] = 0
     return iqr
