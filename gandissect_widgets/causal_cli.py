@@ -1,6 +1,13 @@
-"""The causal commands of the CLI (``gandissect ace|optimize|context|artifacts``): load, run, write."""
+"""The causal commands of the CLI (``gandissect ace|optimize|context|artifacts``): load, run, write.
+
+Each runs as one rank of a ``torchrun`` job when started by one (``torchrun --nproc-per-node K
+--no-python gandissect ace ...``), else as one process: the ranks check that they were given the
+same arguments, share the work (the engine's ``ranks``), and only the writing rank shows progress,
+writes under ``--out`` and prints the result, which is the one a single process gives.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -10,6 +17,21 @@ from gandissect_widgets.engine.io import atomic_write_json
 from gandissect_widgets.engine.readout import descending
 
 __all__ = ["cmd_ace", "cmd_optimize", "cmd_context", "cmd_artifacts", "load_reference"]
+
+
+@contextlib.contextmanager
+def _ranks(a):
+    """This command's place in a ``torchrun`` job (the one ``gandissect`` started, else one started
+    here from torchrun's environment, else one process).  The ranks must agree on the arguments;
+    ``--device cuda`` becomes this rank's GPU (cuda:LOCAL_RANK); ranks other than the writer are quiet."""
+    from gandissect_widgets import cli
+    from gandissect_widgets.engine.distributed import DEFAULT_TIMEOUT, agree, job
+    device = cli._device(a.device)
+    with job(device, timeout=getattr(a, "rank_timeout", None) or DEFAULT_TIMEOUT) as ranks:
+        agree(sorted((k, repr(v)) for k, v in vars(a).items()), ranks, f"the arguments of `{cli.PROG} {a.command}`")
+        a.device = str(ranks.device(device))
+        a.quiet = a.quiet or not ranks.writer
+        yield ranks
 
 
 def _setup(a, concept=True, dissects=True):
@@ -62,9 +84,13 @@ def _dissection(a, G, S, device, d):
                    generator_name=a.generator, segmenter_name=a.segmenter)
 
 
-def _write(a, name, doc, figures):
-    """Figures first, then NAME.json (the result), each atomically."""
+def _write(a, name, doc, figures, ranks):
+    """Figures first, then NAME.json (the result), each atomically; on the writing rank alone.
+    ``figures``: {file name: a function that draws it}."""
     from gandissect_widgets.report.figures import save_figure
+    if not ranks.writer:
+        return
+    figures = {fname: draw() for fname, draw in figures.items()}
     doc = dict(doc, generator=a.generator, segmenter=a.segmenter)
     written = []
     for fname, fig in figures.items():
@@ -93,6 +119,11 @@ def _ks(flag, ks, n):
 
 
 def cmd_ace(a):
+    with _ranks(a) as ranks:
+        _ace(a, ranks)
+
+
+def _ace(a, ranks):
     from gandissect_widgets import cli
     import sys
 
@@ -130,27 +161,34 @@ def cmd_ace(a):
             plan = plan + unit_ace_cost(G, a.layer, a.unit_samples, a.batch_size)
         print(f"gandissect ace: planned {plan}", file=sys.stderr, flush=True)
     res = measure_ace(G, S, a.layer, units, a.concept, n_samples=a.samples, seed=a.seed, batch_size=a.batch_size,
-                      insertion=ins, progress=not a.quiet)
+                      insertion=ins, progress=not a.quiet, ranks=ranks)
     doc = {"ace": res.to_json()}
     figures = {}
     rankings = {"IoU": iou_rank}
     if a.unit_samples > 0:
         ua = unit_ace(G, S, a.layer, a.concept, n_samples=a.unit_samples, seed=a.seed + 1,
-                      batch_size=a.batch_size, insertion=ins, progress=not a.quiet)
+                      batch_size=a.batch_size, insertion=ins, progress=not a.quiet, ranks=ranks)
         rankings["ACE"] = descending(ua)
         doc["unit_ace"] = [float(x) for x in ua]
         doc["ace_ranking"] = [int(u) for u in rankings["ACE"]]
-        figures["ace_ranking"] = ace_ranking_figure(ua, res.concept, a.layer)
+        figures["ace_ranking"] = lambda: ace_ranking_figure(ua, res.concept, a.layer)
     curve = removal_curve(G, S, a.layer, a.concept, rankings, ks=ks, n_samples=a.samples, seed=a.seed + 2,
-                          batch_size=a.batch_size, random_draws=a.random_draws, progress=not a.quiet)
+                          batch_size=a.batch_size, random_draws=a.random_draws, progress=not a.quiet,
+                          ranks=ranks)
     doc["removal_curve"] = curve
-    figures["removal_curve"] = removal_curve_figure(curve)
-    _write(a, "ace", doc, figures)
-    print(f"ACE of {len(units)} units of {a.layer} on {res.concept}: {res.ace:.4f} "
-          f"[{res.ace_ci[0]:.4f}, {res.ace_ci[1]:.4f}]; removal ratio {res.removal_ratio:.3f}")
+    figures["removal_curve"] = lambda: removal_curve_figure(curve)
+    _write(a, "ace", doc, figures, ranks)
+    if ranks.writer:
+        print(f"ACE of {len(units)} units of {a.layer} on {res.concept}: {res.ace:.4f} "
+              f"[{res.ace_ci[0]:.4f}, {res.ace_ci[1]:.4f}]; removal ratio {res.removal_ratio:.3f}")
 
 
 def cmd_optimize(a):
+    with _ranks(a) as ranks:
+        _optimize(a, ranks)
+
+
+def _optimize(a, ranks):
     from gandissect_widgets import cli
     from gandissect_widgets.engine.optimize import optimize_intervention
     from gandissect_widgets.report.figures import alpha_figure
@@ -172,13 +210,19 @@ def cmd_optimize(a):
     init = col / col.max() if col.max() > 0 else None
     res = optimize_intervention(G, S, a.layer, a.concept, n_train=a.train, n_test=a.test, seed=a.seed,
                                 steps=a.steps, batch_size=a.batch_size, lr=a.lr, l2=a.l2, init=init,
-                                progress=not a.quiet)
-    _write(a, "optimize", res.to_json(), {"alpha": alpha_figure(res.alpha, res.concept, a.layer)})
-    print(f"held-out ACE with learned alpha: {res.heldout_ace:.4f} (soft {res.heldout_ace_soft:.4f}); "
-          f"top units {res.ranking[:10].tolist()}")
+                                progress=not a.quiet, ranks=ranks)
+    _write(a, "optimize", res.to_json(), {"alpha": lambda: alpha_figure(res.alpha, res.concept, a.layer)}, ranks)
+    if ranks.writer:
+        print(f"held-out ACE with learned alpha: {res.heldout_ace:.4f} (soft {res.heldout_ace_soft:.4f}); "
+              f"top units {res.ranking[:10].tolist()}")
 
 
 def cmd_context(a):
+    with _ranks(a) as ranks:
+        _context(a, ranks)
+
+
+def _context(a, ranks):
     from gandissect_widgets import cli
     from gandissect_widgets.engine.context import contextual_insertion
     from gandissect_widgets.engine.hooks import can_run_from
@@ -205,9 +249,9 @@ def cmd_context(a):
     units = d.ranking(a.layer, a.concept)[:top]
     res = contextual_insertion(G, S, a.layer, a.concept, units, n_samples=a.samples, seed=a.seed,
                                locations=a.locations or None, batch_size=a.batch_size, strength=a.strength,
-                               patch=a.patch, progress=not a.quiet)
-    _write(a, "context", res.to_json(), {"context": context_figure(res)})
-    for name, n, mean, half in res.table(5):
+                               patch=a.patch, progress=not a.quiet, ranks=ranks)
+    _write(a, "context", res.to_json(), {"context": lambda: context_figure(res)}, ranks)
+    for name, n, mean, half in res.table(5) if ranks.writer else ():
         print(f"  {name:>12}: {mean:+.4f} ± {half:.4f}  (n={n})")
 
 
@@ -237,6 +281,11 @@ def load_reference(spec, n, generator_name):
 
 
 def cmd_artifacts(a):
+    with _ranks(a) as ranks:
+        _artifacts(a, ranks)
+
+
+def _artifacts(a, ranks):
     from gandissect_widgets import cli
     from gandissect_widgets.engine.artifacts import artifact_scores
     from gandissect_widgets.report.figures import artifacts_figure
@@ -270,7 +319,8 @@ def cmd_artifacts(a):
     ref = ref.to(device)
     res = artifact_scores(G, S, a.layer, ref, n_samples=a.samples, seed=a.seed, top=top, ks=a.ks,
                           n_eval=a.eval_samples, batch_size=a.batch_size, progress=not a.quiet,
-                          feature_fn=feature_fn, baseline=baseline)
+                          feature_fn=feature_fn, baseline=baseline, ranks=ranks)
     doc = dict(res.to_json(), baseline=None if baseline is None else base_name)
-    _write(a, "artifacts", doc, {"artifacts": artifacts_figure(res)})
-    print("\n".join(res.summary()))
+    _write(a, "artifacts", doc, {"artifacts": lambda: artifacts_figure(res)}, ranks)
+    if ranks.writer:
+        print("\n".join(res.summary()))

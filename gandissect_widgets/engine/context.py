@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gandissect_widgets.engine.ace import _my_steps, _progress, resolve_ranks, shared_map
+from gandissect_widgets.engine.ace import _progress, resolve_ranks, shared_map
 from gandissect_widgets.engine.distributed import Ranks
 from gandissect_widgets.engine.hooks import Edit, can_run_from, check_units, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, concept_index, layer_activation,

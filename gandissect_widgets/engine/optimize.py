@@ -5,6 +5,11 @@ presence of the concept (the segmenter's class probabilities) between inserting
 (``r*(1-alpha) + k*alpha``) and ablating (``r*(1-alpha)``) the units, with Adam, alpha clamped
 to [0,1] after each step, gradients through the generator's later layers and the segmenter.
 Held-out samples measure what was learned, so the figure is not fit to its own data.
+
+In a ``torch.distributed`` job (``ranks``) every rank trains alike (the steps are sequential; a
+shared batch would change the sums' order) and takes rank 0's alpha and losses, so that a GPU's
+nondeterministic kernels cannot leave the ranks with different vectors; the held-out batches and
+the top-k ACEs are shared (``engine.ace.shared_map``), so the result is one process's.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gandissect_widgets.engine.ace import measure_ace
+from gandissect_widgets.engine.ace import _progress, measure_ace, resolve_ranks, shared_map
+from gandissect_widgets.engine.distributed import Ranks, broadcast
 from gandissect_widgets.engine.hooks import Edit, resolve_layers
 from gandissect_widgets.engine.interventions import (InsertionValues, concept_index, concept_presence,
                                                      layer_activation, render)
@@ -53,10 +59,12 @@ def _ace_alpha(G, S, zb, layer, c, alpha, k, soft, grad):
 def optimize_intervention(G, S, layer: str, concept, n_train: int = 256, n_test: int = 128, seed: int = 10,
                           steps: int = 200, batch_size: int = 8, lr: float = 0.01, l2: float = 0.005,
                           init=None, values=None, insertion: InsertionValues | None = None,
-                          topks=(10, 20), progress: bool = True) -> OptimizeResult:
+                          topks=(10, 20), progress: bool = True, ranks: Ranks | None = None) -> OptimizeResult:
     """Optimise alpha for ``concept`` at ``layer``; train and held-out latents come from ``seed``
     (the first ``n_train`` train, the next ``n_test`` held out).  ``init``: (C,) starting alpha
-    (e.g. the concept's IoU column over its max, as the paper does); default 0.5 everywhere."""
+    (e.g. the concept's IoU column over its max, as the paper does); default 0.5 everywhere.
+    ``ranks``: a job (default: the one initialised, else one process), see the module doc."""
+    ranks = resolve_ranks(ranks)
     resolve_layers(G, [layer])
     c = concept_index(S.labels, concept)
     if not callable(getattr(S, "probabilities", None)):
@@ -79,7 +87,7 @@ def optimize_intervention(G, S, layer: str, concept, n_train: int = 256, n_test:
     opt = torch.optim.Adam([alpha], lr=lr)
     losses = []
     g = torch.Generator().manual_seed(seed)
-    for step in tqdm(range(steps), disable=not progress, desc=f"optimise {S.labels[c]} @ {layer}"):
+    for step in tqdm(range(steps), disable=not _progress(progress, ranks), desc=f"optimise {S.labels[c]} @ {layer}"):
         idx = torch.randint(0, n_train, (batch_size,), generator=g)
         zb = ztr[idx].to(dev)
         ace = _ace_alpha(G, S, zb, layer, c, alpha, k, soft=True, grad=True).mean()
@@ -90,20 +98,21 @@ def optimize_intervention(G, S, layer: str, concept, n_train: int = 256, n_test:
         with torch.no_grad():
             alpha.clamp_(0, 1)
         losses.append(float(loss.detach()))
-    a = alpha.detach()
-    soft, hard = [], []
+    alpha_np, losses = broadcast((alpha.detach().cpu().numpy(), losses), ranks)
+    a = torch.from_numpy(alpha_np).to(dev)
+
+    def heldout(i):  # (soft, hard) per-sample ACEs of one held-out batch
+        zb = zte[i:i + batch_size].to(dev)
+        return tuple(_ace_alpha(G, S, zb, layer, c, a, k, soft=soft, grad=False).cpu() for soft in (True, False))
     with torch.no_grad():
-        for i in range(0, n_test, batch_size):
-            zb = zte[i:i + batch_size].to(dev)
-            soft.append(_ace_alpha(G, S, zb, layer, c, a, k, soft=True, grad=False).cpu())
-            hard.append(_ace_alpha(G, S, zb, layer, c, a, k, soft=False, grad=False).cpu())
-    alpha_np = a.cpu().numpy()
+        parts = shared_map(heldout, range(0, n_test, batch_size), ranks)
+    soft, hard = [p[0] for p in parts], [p[1] for p in parts]
     ranking = descending(alpha_np)
     topk_ace = {}
     for kk in topks:
         if 0 < kk <= C:
             res = measure_ace(G, S, layer, ranking[:kk], c, z=zte, values=k.cpu(), batch_size=batch_size,
-                              bootstrap=200)
+                              bootstrap=200, ranks=ranks)
             topk_ace[int(kk)] = res.ace
     settings = dict(n_train=n_train, n_test=n_test, seed=seed, steps=steps, batch_size=batch_size, lr=lr, l2=l2)
     return OptimizeResult(layer, S.labels[c], alpha_np, ranking, float(torch.cat(soft).mean()),
