@@ -3,14 +3,17 @@
 Run top to bottom with nbclient; checked for what a user sees: the samples and segmentations as
 pictures, the dissection, the ceiling warning naming sky, the table of ceilings and baselines, each
 top unit's IoU beside its baseline, every unit against its baseline, an ACE with its interval and
-the unit browser.  The weights it
-loads are checked against their record (script, seed, data, time, quality; under 1 MB)."""
+the unit browser, the result saved and opened again.  The weights it loads are checked against their
+record (script, seed, data, time, quality; under 1 MB).  Run All in JupyterLab (Chromium, where it is
+installed) checks that nothing is clipped at 1100 px in either theme and the browser's cards are drawn."""
 import json
 import os
 import re
 
+import pytest
 import torch
 
+import lab as jl  # the JupyterLab launcher of the browser tests
 from gandissect_widgets.world.train_dcgan import build_dcgan
 from test_notebooks import ROOT, run_notebook
 
@@ -68,3 +71,60 @@ def test_your_own_gan_notebook_runs_and_shows_each_step(tmp_path):
     assert "application/vnd.jupyter.widget-view+json" in view and "image/png" in view
     reopened = text(nb, cell(nb, "import tempfile"))
     assert re.match(r"reopened \S+dcgan32\nlayers \['5', '8'\], 8 concepts; the models match its fingerprints$", reopened)
+
+
+# What the walk in JupyterLab checks, per cell output: nothing beyond the output area's right edge (code
+# and text clipped or scrolling), every picture loaded, and the unit browser's cards there with pictures.
+OUTPUTS_FIT = r"""() => {
+    const problems = [];
+    const cells = window.jupyterapp.shell.currentWidget.content.widgets;
+    cells.forEach((c, n) => {
+        const scroller = c.node.querySelector('.cm-scroller');
+        if (scroller && scroller.scrollWidth > scroller.clientWidth + 1)
+            problems.push(`cell ${n}: code ${scroller.scrollWidth}px wide in ${scroller.clientWidth}px`);
+        for (const o of c.node.querySelectorAll('.jp-OutputArea-output')) {
+            if (o.scrollWidth > o.clientWidth + 1) problems.push(`cell ${n}: output ${o.scrollWidth}px in ${o.clientWidth}px`);
+            for (const i of o.querySelectorAll('img'))
+                if (i.getAttribute('src') && !(i.complete && i.naturalWidth)) problems.push(`cell ${n}: a picture not loaded`);
+        }
+    });
+    const cards = [...document.querySelectorAll('.gandissect-view .gd-unit-card')].filter(e => e.checkVisibility());
+    const drawn = cards.filter(e => { const i = e.querySelector('img'); return i && i.naturalWidth > 0; });
+    return {problems, cards: cards.length, drawn: drawn.length};
+}"""
+
+
+def test_your_own_gan_notebook_in_jupyterlab(tmp_path):
+    """Run All in JupyterLab (Chromium), 1100 px wide, light and dark theme: no code line or output clipped
+    or scrolling sideways, every picture loaded, the unit browser's 8 cards drawn beside a unit's detail.
+    Screenshots of the browser's cell: test-artifacts/{theme}_1100_your_own_gan_browser.png."""
+    if jl.missing():
+        pytest.skip(jl.missing())
+    artifacts = os.path.join(ROOT, "test-artifacts")
+    os.makedirs(artifacts, exist_ok=True)
+    errors = []
+    with jl.jupyterlab(tmp_path, [os.path.join(ROOT, "notebooks", "your_own_gan.ipynb")]) as lab, \
+            jl.chromium(1100, 1100, errors) as page:
+        jl.open_notebook(page, lab, "your_own_gan.ipynb")
+        jl.run_all(page)
+        jl.wait_or_traceback(page, ".gandissect-view", 300_000)
+        jl.wait_views_shown(page, 1, 300_000)
+        page.wait_for_function("() => window.jupyterapp.shell.currentWidget.content.widgets.every("
+                               "c => c.model.type !== 'code' || c.model.executionCount)", timeout=300_000)
+        problems = []
+        for theme in (jl.LIGHT, jl.DARK):
+            jl.set_theme(page, theme)
+            page.set_viewport_size({"width": 1100, "height": 1100})
+            got = page.evaluate(OUTPUTS_FIT)
+            problems += [f"{theme}: {p}" for p in got["problems"]]
+            if got["cards"] != 8 or got["drawn"] != 8:
+                problems.append(f"{theme}: {got['drawn']} of {got['cards']} unit cards drawn, 8 wanted")
+            name = "light" if theme == jl.LIGHT else "dark"
+            browser = page.locator(".jp-Cell", has=page.locator(".gandissect-view"))
+            page.set_viewport_size({"width": 1100, "height": int(browser.bounding_box()["height"]) + 400})
+            page.wait_for_timeout(400)
+            browser.scroll_into_view_if_needed()
+            browser.screenshot(path=os.path.join(artifacts, f"{name}_1100_your_own_gan_browser.png"))
+    assert not problems, "\n".join(problems)
+    real = [e for e in errors if "favicon" not in e and "status of 404" not in e]
+    assert not real, "\n".join(real)
