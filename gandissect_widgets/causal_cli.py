@@ -25,10 +25,13 @@ def _ranks(a):
     here from torchrun's environment, else one process).  The ranks must agree on the arguments;
     ``--device cuda`` becomes this rank's GPU (cuda:LOCAL_RANK); ranks other than the writer are quiet."""
     from gandissect_widgets import cli
-    from gandissect_widgets.engine.distributed import DEFAULT_TIMEOUT, agree, job
+    from gandissect_widgets.engine.distributed import DEFAULT_TIMEOUT, agree, gather_objects, job
     device = cli._device(a.device)
     with job(device, timeout=getattr(a, "rank_timeout", None) or DEFAULT_TIMEOUT) as ranks:
-        agree(sorted((k, repr(v)) for k, v in vars(a).items()), ranks, f"the arguments of `{cli.PROG} {a.command}`")
+        args = {k: repr(v) for k, v in sorted(vars(a).items())}
+        differ = {k for other in gather_objects(args, ranks) for k in set(args) | set(other)
+                  if other.get(k) != args.get(k)}  # the same set on every rank: the message names just these
+        agree({k: args.get(k) for k in sorted(differ)}, ranks, f"the arguments of `{cli.PROG} {a.command}`")
         a.device = str(ranks.device(device))
         a.quiet = a.quiet or not ranks.writer
         yield ranks
