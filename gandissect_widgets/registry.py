@@ -140,6 +140,9 @@ def recorded_models(generator, segmenter=_NOT_GIVEN) -> dict | None:
 
     Called with a result's settings alone (the older form), it reads them: ``models_in_settings``."""
     if segmenter is _NOT_GIVEN:
+        if generator is not None and not isinstance(generator, dict):
+            raise TypeError("recorded_models(generator, segmenter) takes both models (None for one that is not "
+                            "recorded); recorded_models(settings) reads a result's settings")
         return models_in_settings(generator)
     out = {kind: recipe(model) for kind, model in (("generator", generator), ("segmenter", segmenter))}
     out = {kind: r for kind, r in out.items() if r is not None}

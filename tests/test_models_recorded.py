@@ -58,6 +58,9 @@ def test_recorded_models_is_what_the_command_line_records(workdir, plugin, tmp_p
 def test_models_not_made_by_the_registry_are_not_recorded(workdir):
     S = gw.load_segmenter("mymod:make_segmenter")
     assert recorded_models(TinyGenerator(), object()) is None
+    with pytest.raises(TypeError, match="takes both models"):
+        recorded_models(S)
+    assert recorded_models({"generator": "old"}) == {"generator": {"name": "old", "checkpoint": None}}  # settings
     wrapped = adapt_generator(torch.nn.Sequential(*gw.load_generator("mymod:make_generator")), zdim=8)
     assert list(recorded_models(wrapped, S)) == ["segmenter"]  # only the one it can load again
     shared = TinyGenerator()  # a factory that returns the same object with an option no record holds
