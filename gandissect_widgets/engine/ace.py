@@ -15,7 +15,8 @@ In a job (``ranks``, see ``engine.distributed``) the tools share whole batches o
 sequence, or (batch, group of edits) pairs, round robin (``shared_map``), so every sample goes
 through the models in the same batch as in one process; the per-sample values are gathered back
 into sample order and every figure is computed from them on every rank, in one process's order:
-each rank returns what one process returns, bit for bit.
+each rank returns what one process returns, bit for bit (on a GPU: as far as its kernels are
+deterministic, since a batch that one process renders twice may already differ in the last bits).
 """
 from __future__ import annotations
 
