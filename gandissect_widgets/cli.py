@@ -24,6 +24,7 @@ import traceback
 
 import torch
 
+from gandissect_widgets.engine.distributed import DEFAULT_TIMEOUT, RankFailed, current, job
 from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU
 
 __all__ = ["main", "build_parser", "UserError", "check_result_dir", "fill_models_from"]
@@ -55,7 +56,11 @@ def _add_model_args(p, with_segmenter=True, default="sceneworld"):
     if with_segmenter:
         p.add_argument("--segmenter", default=default, help=f"segmenter: {MODEL_NAME_HELP} ({said})")
         p.add_argument("--segmenter-checkpoint", default=None, help="local weights for the segmenter family")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available; under "
+                                                  "torchrun, cuda is each rank's own GPU, cuda:LOCAL_RANK)")
+    p.add_argument("--rank-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before the job stops with an error "
+                        "naming the rank (default 600)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a checkpoint that holds pickled Python objects (an NVIDIA StyleGAN2 .pkl, ...) in "
                         "full: this runs code stored in the file, so only for files you know")
@@ -64,8 +69,8 @@ def _add_model_args(p, with_segmenter=True, default="sceneworld"):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="GAN Dissection from the command line.",
                      epilog="exit status: 0 done; 2 an expected failure (bad input, a missing, damaged or untrusted "
-                            "file, no memory or disk space), said in one line; 130 interrupted; 1 a bug (with its "
-                            "traceback). GANDISSECT_DEBUG=1 shows tracebacks for expected failures too.")
+                            "file, no memory or disk space, another rank of a torchrun job that stopped), said in "
+                            "one line; 130 interrupted; 1 a bug (with its traceback). GANDISSECT_DEBUG=1 shows tracebacks for expected failures too.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("dissect", help="dissect layers of a generator against a segmenter")
@@ -98,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-wait", type=float, default=None, metavar="SECONDS",
                    help="when another process works on the same dissection in the cache: wait at most SECONDS "
                         "for it (0: not at all) and then give up (default: wait, then load its result)")
+    p.add_argument("--pilot-samples", type=int, default=512,
+                   help="samples whose pixels place the quantile rule's histogram edges (default 512)")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="how often the work so far is saved in the cache, to resume from (default 60; 0: every batch)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("layers", help="list a generator's feature maps (the layers to dissect) with their shapes")
@@ -506,6 +515,8 @@ def cmd_dissect(a):
     _int("--batch-size", a.batch_size, 1)
     _int("--lanes", a.lanes, 1)
     _int("--topk", a.topk, 1)
+    _int("--pilot-samples", a.pilot_samples, 1)
+    _number("--checkpoint-every", a.checkpoint_every, 0, hint=" seconds (0: every batch)")
     _number("--min-iou", a.min_iou, 0, 1, hi_open=True, hint=f" ({DEFAULT_MIN_IOU:g}: the papers' cut-off)")
     if a.lock_wait is not None:
         _number("--lock-wait", a.lock_wait, 0, hint=" seconds (0: do not wait)")
@@ -521,13 +532,15 @@ def cmd_dissect(a):
                         batch_size=a.batch_size, device=device, cache_dir=cache, topk=a.topk, progress=not a.quiet,
                         lanes=a.lanes, generator_name=a.generator, segmenter_name=a.segmenter,
                         nonfinite=a.nonfinite, lock_wait=a.lock_wait, threshold=a.threshold, method=a.method,
-                        upsample=a.upsample)
+                        upsample=a.upsample, pilot_samples=a.pilot_samples, checkpoint_every=a.checkpoint_every)
         except NonFiniteError as e:
             raise UserError(f"{e}; on the command line: --nonfinite skip") from e
         except CacheBusyError as e:
             raise UserError(f"{e}; on the command line: leave --lock-wait out to wait for it and load its result, "
                             f"or give another --cache-dir") from e
         d.settings["models"] = _models_record(a)
+        if not current().writer:  # one rank of a torchrun job: rank 0 writes and tells
+            return
         d.save(a.out, min_iou=a.min_iou)
     for layer in d.layers:
         counts = d.concept_counts(layer, a.min_iou)
@@ -721,7 +734,7 @@ def expected_message(exc) -> str | None:
         return reason if "delete" in reason or "recompute" in reason else f"{reason}; {advice}"
     if isinstance(exc, json.JSONDecodeError):
         return _reason(exc) + "; restore the file or write it again"
-    if isinstance(exc, UserError):
+    if isinstance(exc, (UserError, RankFailed)):
         return str(exc)
     if isinstance(exc, KeyError):
         if isinstance(exc, (UnknownLayerError, UnknownNameError)) or (
@@ -743,6 +756,17 @@ def expected_message(exc) -> str | None:
     return None
 
 
+def _job(args):
+    """The commands that run models run as one rank of a ``torchrun`` job when started by one
+    (``engine.distributed.job``: gloo on CPUs, nccl for --device cuda, one GPU per local rank);
+    otherwise, and for the others, as one process."""
+    if args.command not in ("dissect", "ace", "optimize", "context", "artifacts"):
+        return contextlib.nullcontext()
+    if args.rank_timeout is not None:
+        _number("--rank-timeout", args.rank_timeout, 0, lo_open=True, hint=" seconds")
+    return job(_device(getattr(args, "device", None)), timeout=args.rank_timeout or DEFAULT_TIMEOUT)
+
+
 COMMANDS = {"dissect": cmd_dissect, "layers": cmd_layers, "models": cmd_models, "report": cmd_report_checked}
 
 
@@ -759,13 +783,19 @@ def main(argv=None) -> int:
             args.generator = "sceneworld-artifacts"  # the GAN whose artifact units are known
         if args.command in ("ace", "optimize", "context", "artifacts"):
             fill_models_from(args, args.dissection if args.dissection and os.path.isdir(args.dissection) else None)
-        commands[args.command](args)
+        with _job(args):
+            commands[args.command](args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         cache = _run_state.get("cache")
         hint = f"; the work so far is kept in {cache}: the same command resumes it" if cache else ""
-        print(f"{PROG}: interrupted{hint}", file=sys.stderr)
+        how = "interrupted"
+        if "SIGTERM" in str(e):  # engine.workdir.InterruptGuard: `kill`, or torchrun stopping a job's ranks
+            ranks = os.environ.get("WORLD_SIZE", "1")
+            how = (f"rank {os.environ.get('RANK', '?')} of {ranks} stopped by its launcher (SIGTERM: another rank of "
+                   f"the job failed; torchrun's report names it)" if ranks not in ("", "1") else "stopped (SIGTERM)")
+        print(f"{PROG}: {how}{hint}", file=sys.stderr)
         return 130
     except Exception as e:
         msg = expected_message(e)

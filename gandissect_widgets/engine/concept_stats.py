@@ -114,6 +114,13 @@ class ConceptPixelCounts:
         self.n += other.n.to(self.device)
         return self
 
+    def map_counts(self, fn):
+        """Counts and sample count replaced by ``fn`` of them (a sum across ranks, say)."""
+        if self._counts is not None:
+            self._counts = fn(self._counts)
+        self.n = fn(self.n)
+        return self
+
     def state_dict(self):
         return {"concepts": self.concepts, "n": self.n.detach().cpu().clone(),
                 "counts": None if self._counts is None else self._counts.detach().cpu().clone()}

@@ -65,12 +65,15 @@ from tqdm.auto import tqdm
 from gandissect_widgets.engine import devices
 from gandissect_widgets.engine.concept_stats import ConceptPixelCounts
 from gandissect_widgets.engine.counting import candidate_add, dense_add, unit_chunks
+from gandissect_widgets.engine.distributed import RankFailed, Ranks, agree, all_min, all_sum, broadcast, current
 from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
 from gandissect_widgets.engine.io import atomic_write_bytes, cache_key
 from gandissect_widgets.engine.layer_listing import describe_output
 from gandissect_widgets.engine.protocols import (NonFiniteError, ProtocolError, check_generator, check_images,
                                                  check_sample_z, check_segmenter, fingerprint, model_device,
                                                  sample_latents, segment, thread_safe)
+from gandissect_widgets.engine.rank_merge import (any_rank, job_grid, merge_moments, merge_topk, sum_histogram,
+                                                  sum_positions)
 from gandissect_widgets.engine.readout import read_layer
 from gandissect_widgets.engine.results import Dissection
 from gandissect_widgets.engine.sidebyside import SideBySide
@@ -101,7 +104,8 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
             checkpoint_every: float = 60.0, progress: bool = True, lanes: int = 2,
             generator_name: str | None = None, segmenter_name: str | None = None,
             nonfinite: str = "error", lock_wait: float | None = None, threshold: str = "quantile",
-            method: str = "auto", upsample: str = "iclr", tuning: Tuning | None = None) -> Dissection:
+            method: str = "auto", upsample: str = "iclr", tuning: Tuning | None = None,
+            ranks: Ranks | None = None) -> Dissection:
     """Dissect ``layers`` of ``generator`` against ``segmenter`` over ``n_samples`` latents.
 
     Returns a ``Dissection``.  Thresholds are the ``quantile`` of each unit's upsampled activations
@@ -146,6 +150,17 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     bilinear with clamped edges, the default) or ``"pnas"`` (zeros outside).
     ``tuning``: the knobs of ``engine.tuning.Tuning`` (bins, pilot, lanes, chunk sizes, the IQR
     threshold set, ...); those that are arguments here may be given either way.
+    ``ranks``: the job this call is one rank of (``engine.distributed``; default: the process group
+    the caller initialised, e.g. inside ``with distributed.job(device) as ranks:`` under
+    ``torchrun``, else one process).  Every rank must make the same call; each counts its share of
+    the batches (round robin over the same ``sample_z(n_samples, seed)`` batches), the statistics
+    are merged (``engine.rank_merge``) and every rank returns the result one process would: counts,
+    thresholds, IoUs and top-k bit for bit, moments to the last bits.  Only rank 0 reads and writes
+    the result in ``cache_dir`` (the key does not depend on the number of ranks; the settings
+    record it as ``ranks``); each rank keeps its segmentations and checkpoint in
+    ``cache_dir/dissect-<key>/work/rank-R-of-K`` on its own disk, so that the same job resumes.  A
+    rank that fails or dies makes the others raise ``RankFailed`` within the job's timeout; nothing
+    is written.
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
@@ -195,10 +210,14 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     settings["method"] = backend
     settings["cache_key"] = key
     settings["nonfinite"] = nonfinite
+    ranks = ranks if ranks is not None else current()
+    if ranks.distributed:
+        agree(key, ranks, "the dissection's settings (start every rank with the same command)")
+        settings["ranks"] = ranks.size
 
     def run_in(work_dir):
         run = _Run(generator, segmenter, layers, labels, n_samples, seed, rule, batch_size, device, topk, tuning,
-                   progress, work_dir, key, nonfinite, backend, convention)
+                   progress, work_dir, key, nonfinite, backend, convention, ranks)
         arrays = run.execute()
         out = dict(settings)
         if nonfinite == "skip":
@@ -214,6 +233,8 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
 
     result_dir = os.path.join(os.fspath(cache_dir), f"dissect-{key}")
     done = os.path.join(result_dir, "dissect.json")
+    if ranks.distributed:
+        return _dissect_in_job(ranks, result_dir, done, run_in, lock_wait, progress)
     if os.path.exists(done):
         return Dissection.load(result_dir)
     work_dir = os.path.join(result_dir, "work")
@@ -230,6 +251,44 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     finally:
         try:
             remove_work(work_dir, result_dir)  # unless it holds a checkpoint to resume from
+        finally:
+            lock.release()
+
+
+def _dissect_in_job(ranks, result_dir, done, run_in, lock_wait, progress):
+    """``dissect`` with a cache directory, as one rank of a job: rank 0 alone looks for, loads and
+    writes the result; each rank works in ``work/rank-R-of-K`` (its checkpoint: the same job
+    resumes; a job of another size starts over)."""
+    found = broadcast(Dissection.load(result_dir) if ranks.writer and os.path.exists(done) else None, ranks)
+    if found is not None:
+        return found
+    work_parent = os.path.join(result_dir, "work")
+    work_dir = os.path.join(work_parent, f"rank-{ranks.rank}-of-{ranks.size}")
+    lock = WorkLock(work_dir, done, lock_wait, progress and ranks.writer)
+    free = lock.acquire()
+    try:
+        # another job may have finished it while this one waited: rank 0's view decides
+        if broadcast(ranks.writer and (not free or os.path.exists(done)), ranks):
+            return broadcast(Dissection.load(result_dir) if ranks.writer else None, ranks)
+        result = run_in(work_dir)
+        failed = None
+        if ranks.writer:
+            try:
+                result.save(result_dir)
+            except BaseException as e:  # the other ranks hear of it, then this rank raises it
+                failed = e
+        told = broadcast(None if failed is None else f"{type(failed).__name__}: {failed}", ranks)
+        if failed is not None:
+            raise failed
+        if told is not None:
+            raise RankFailed(f"{ranks}: rank 0 could not write the result: {told}")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return result
+    finally:
+        try:
+            remove_work(work_dir, work_parent)  # unless it holds a checkpoint to resume from
+            with contextlib.suppress(OSError):
+                os.rmdir(result_dir)
         finally:
             lock.release()
 
@@ -313,10 +372,13 @@ class _Run:
     sample once, cached for the run), the threshold rule (``pilot_pass`` places the quantile
     rule's edges, ``iqr_pass`` chooses the IQR rule's levels on its threshold set), counting
     (``main_pass`` and ``refine``, through ``accumulate`` with the ``tail`` or ``dense`` backend)
-    and the readout (``engine.readout``)."""
+    and the readout (``engine.readout``).  In a job (``ranks``) every pass runs over this rank's
+    share of the batches (``mine``) and each stage ends with the ranks' statistics merged
+    (``engine.rank_merge``), so that every decision (edges, levels, refinement) is taken on the
+    same numbers on every rank; a rank's segmentation cache holds its own batches only (``rows``)."""
 
     def __init__(self, G, S, layers, labels, n, seed, rule, batch_size, device, k, tuning: Tuning, progress,
-                 work_dir, key, nonfinite="error", method="tail", convention="iclr"):
+                 work_dir, key, nonfinite="error", method="tail", convention="iclr", ranks: Ranks | None = None):
         self.G, self.S, self.layers, self.labels = G, S, layers, labels
         self.rule, self.tuning, self.method, self.convention = rule, tuning, method, convention
         self.q = rule.quantile if isinstance(rule, QuantileRule) else 0.99
@@ -325,7 +387,10 @@ class _Run:
         # the IQR rule's levels come from its own threshold set: no pilot
         self.n_pilot = min(int(tuning.pilot_samples), self.n) if isinstance(rule, QuantileRule) else 0
         self.pilot_pixels = int(tuning.pilot_pixels)
-        self.checkpoint_every, self.progress, self.lanes = float(tuning.checkpoint_every), progress, int(tuning.lanes)
+        self.ranks = ranks or Ranks()
+        self.checkpoint_every, self.lanes = float(tuning.checkpoint_every), int(tuning.lanes)
+        self.progress = progress and self.ranks.writer  # one bar for the whole job
+        self.merged = False  # the statistics are the job's, not this rank's (never checkpointed)
         self.chunk = int(tuning.chunk_elements if method == "tail" else tuning.dense_chunk_elements)
         self.work_dir, self.key = work_dir, key
         self.skip_nonfinite = nonfinite == "skip"
@@ -385,7 +450,7 @@ class _Run:
         # the pilot batches whose activations the pilot keeps for the main pass, while they fit:
         # decided by sizes alone, so that a resumed run groups the batches as a whole one does
         per, held, self.keeps = sum(sizes[name] for name in self.layers), 0, set()
-        for i0, i1 in self.batches(0, self.n_pilot):
+        for i0, i1 in self.mine(self.batches(0, self.n_pilot)):
             if held + (i1 - i0) * per <= self.tuning.pilot_cache_bytes:
                 self.keeps.add(i0)
                 held += (i1 - i0) * per
@@ -494,9 +559,86 @@ class _Run:
         return bad_images
 
     def cached_seg(self, i0, i1):
+        r0, r1 = self.rows(i0, i1)
         if self.seg_dev is not None:
-            return self.seg_dev[i0:i1].long()
-        return torch.from_numpy(np.asarray(self.seg_cache[i0:i1]).astype(np.int64)).to(self.device)
+            return self.seg_dev[r0:r1].long()
+        return torch.from_numpy(np.asarray(self.seg_cache[r0:r1]).astype(np.int64)).to(self.device)
+
+    # -- this rank's share --------------------------------------------------------------------
+    def mine(self, batches):
+        """This rank's batches of ``batches`` (all of them in one process): round robin, so batch
+        j of every pass (pilot, main, refinement) belongs to the same rank."""
+        return self.ranks.share(batches)
+
+    def rows(self, i0, i1):
+        """The rows of this rank's segmentation cache that hold samples [i0, i1): in a job, one of
+        its batches (its batches' rows follow each other in order); in one process, the same."""
+        if not self.ranks.distributed:
+            return i0, i1
+        j = i0 // self.bs
+        r0 = (j // self.ranks.size) * self.bs + (i0 - j * self.bs)
+        return r0, r0 + (i1 - i0)
+
+    def cache_rows(self):
+        return sum(i1 - i0 for i0, i1 in self.mine(self.batches(0, self.n)))
+
+    def advance(self, bar, batches):
+        """The job's bar, on rank 0, moves for all ranks: they count their shares at the same pace."""
+        bar.update(min(batches * self.ranks.size, bar.total - bar.n))
+
+    def merge_stats(self):
+        """The ranks' statistics of the main pass merged: each rank saves its own first (its
+        checkpoint), after which the statistics are the job's and are never saved."""
+        if not self.ranks.distributed:
+            return
+        self.save_checkpoint()
+        with self.guard.critical():
+            for name, st in self.stats.items():
+                sum_histogram(st.hist, self.ranks)
+                st.moments = merge_moments(st.moments, self.ranks)
+                st.topk = merge_topk(st.topk, self.ranks)
+            self.merge_samples()
+            self.merged = True
+
+    def merge_samples(self):
+        """Per-sample marks and concept positions merged (their counts are over each rank's own samples)."""
+        self.seg_grid = job_grid(self.seg_grid, self.ranks)
+        if self.skip is not None:
+            self.skip = any_rank(self.skip, self.ranks)
+        have = bool(all_min(torch.tensor([int(self.positions is not None)]), self.ranks))
+        if not have:  # (a checkpoint of an older version without them, on some rank)
+            self.positions = None
+        elif self.seg_grid is not None:
+            self.positions = sum_positions(self.positions, self.seg_grid, self.ranks)
+
+    def agree_resume(self):
+        """In a job, resume the statistics only if every rank with batches resumed with the
+        thresholds placed; else every rank starts them over (keeping its segmentations).  A rank
+        with no batches takes rank 0's thresholds."""
+        if not self.ranks.distributed:
+            return
+        placed = self.edges is not None
+        owns = bool(self.mine(self.batches(0, self.n)))
+        if bool(all_min(torch.tensor([int(placed or not owns)]), self.ranks)):
+            sent = broadcast(({k: v.cpu() for k, v in self.edges.items()},
+                              {name: {k: v.cpu() for k, v in c._asdict().items()} for name, c in self.iqr.items()}
+                              if self.iqr is not None else None) if self.ranks.writer else None, self.ranks)
+            if not placed:
+                edges, iqr = sent
+                self.edges = {k: v.to(self.device) for k, v in edges.items()}
+                if iqr is not None:
+                    self.iqr = {name: IqrChoice(**{k: v.to(self.device) for k, v in c.items()})
+                                for name, c in iqr.items()}
+                self.stats = self.fresh_stats(self.edges)
+                self.next_batch = 0
+        elif placed:
+            self.edges, self.iqr, self.stats, self.next_batch = None, None, {}, 0
+
+    def fresh_stats(self, edges):
+        stats = {name: _LayerStats(self.units[name], self.k, self.device) for name in self.layers}
+        for name in self.layers:
+            stats[name].hist = TailHistogram(edges[name], self.C)
+        return stats
 
     def _keep_on_device(self, seg_cache):
         """Off the CPU, the run's segmentations stay on the device (while they fit
@@ -506,12 +648,12 @@ class _Run:
         dtype = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}.get(seg_cache.dtype, torch.int32)
         return torch.zeros(seg_cache.shape, dtype=dtype, device=self.device)
 
-    def _write_behind(self, i0, i1):
-        part = self.seg_dev[i0:i1]
+    def _write_behind(self, r0, r1):
+        part = self.seg_dev[r0:r1]
         out = self.seg_cache
 
         def write():
-            out[i0:i1] = part.cpu().numpy().astype(out.dtype)  # (this thread waits for the copy, not the run)
+            out[r0:r1] = part.cpu().numpy().astype(out.dtype)  # (this thread waits for the copy, not the run)
 
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="gandissect-segwrite")
@@ -541,7 +683,7 @@ class _Run:
             with contextlib.suppress(OSError):
                 os.unlink(self.seg_path)
             if isinstance(e, OSError) and e.errno in SPACE_ERRNOS:
-                raise space_error(self.work_dir, f"the segmentation cache ({self.n} samples of "
+                raise space_error(self.work_dir, f"the segmentation cache ({shape[0]} samples of "
                                    f"{'x'.join(map(str, shape[1:]))} labels)", need, e) from None
             raise
         return np.load(self.seg_path, mmap_mode="r+")
@@ -550,17 +692,18 @@ class _Run:
         with self.guard.critical():
             if self.seg_cache is None:
                 dtype = np.uint8 if self.C <= 256 else (np.int16 if self.C <= 32767 else np.int32)
-                self.seg_cache = self._create_seg_file(dtype, (self.n,) + tuple(seg.shape[1:]))
+                self.seg_cache = self._create_seg_file(dtype, (self.cache_rows(),) + tuple(seg.shape[1:]))
                 self.seg_grid = tuple(seg.shape[-2:])
                 self.seg_dev = self._keep_on_device(self.seg_cache)
             elif tuple(seg.shape[1:]) != self.seg_cache.shape[1:]:
                 raise ProtocolError(f"segmenter output changed shape from {self.seg_cache.shape[1:]} to "
                                     f"{tuple(seg.shape[1:])} between batches")
+            r0, r1 = self.rows(i0, i1)
             if self.seg_dev is not None:
-                self.seg_dev[i0:i1] = seg.to(self.seg_dev.dtype)
-                self._write_behind(i0, i1)
+                self.seg_dev[r0:r1] = seg.to(self.seg_dev.dtype)
+                self._write_behind(r0, r1)
             else:
-                self.seg_cache[i0:i1] = seg.cpu().numpy().astype(self.seg_cache.dtype)
+                self.seg_cache[r0:r1] = seg.cpu().numpy().astype(self.seg_cache.dtype)
             if self.positions is not None and i1 > self.segmented:  # each sample once (a batch may overlap the
                 new = max(i0, self.segmented) - i0                        # pilot's last), not those left out
                 part = seg[new:]
@@ -576,6 +719,8 @@ class _Run:
 
     # -- checkpoint ---------------------------------------------------------------------------
     def save_checkpoint(self):
+        if self.merged:  # the job's statistics: each rank's checkpoint holds its own
+            return
         with self.guard.critical():  # an interrupt waits for the checkpoint
             self.check_deferred()
             self._flush_writes()
@@ -615,7 +760,7 @@ class _Run:
                 raise space_error(self.work_dir, "the segmentation cache", os.path.getsize(self.seg_path), e) from None
             raise
         seg_cache = np.load(self.seg_path, mmap_mode="r+")
-        if seg_cache.shape[0] != self.n:
+        if seg_cache.shape[0] != self.cache_rows():
             return False
         self.seg_cache = seg_cache
         self.seg_dev = self._keep_on_device(seg_cache)
@@ -640,10 +785,12 @@ class _Run:
         self.probe()
         with self.guard:
             resumed = self.load_checkpoint()
-            iqr = isinstance(self.rule, IqrRule) and self.edges is None
-            pilot = [] if (resumed and self.edges is not None) else self.batches(0, self.n_pilot)
+            self.agree_resume()
+            placed = self.edges is not None  # (only after a checkpoint, or rank 0's in a job)
+            iqr = isinstance(self.rule, IqrRule) and not placed
+            pilot = [] if placed else self.batches(0, self.n_pilot)
             main = self.batches(0, self.n)
-            done = min(self.next_batch, len(main)) if resumed and self.edges is not None else 0
+            done = min(self.next_batch, len(main)) if placed else 0
             if resumed and self.progress:
                 counted = main[done - 1][1] if done else 0
                 print(f"dissect: resuming from the checkpoint in {self.work_dir}: {counted} of {self.n} samples "
@@ -656,11 +803,12 @@ class _Run:
                         if iqr:
                             self.iqr_pass()
                         if pilot:
-                            self.pilot_pass(pilot, bar)
+                            self.pilot_pass(self.mine(pilot), bar)
                         self.main_pass(main, bar)
                     finally:
                         bar.close()
                     self.check_deferred()
+                    self.merge_stats()
                     if isinstance(self.rule, QuantileRule):  # the IQR rule's levels are not quantiles
                         self.refine()
                     self.check_deferred()
@@ -695,14 +843,18 @@ class _Run:
             if fresh:
                 self._store_seg(i0, i1, seg, bad)
             if values is None:  # the segmentation grid is known from the first batch on
-                R, S = self.pilot_grid()
-                values = {name: torch.empty(self.units[name], self.n_pilot, R * S, device=self.device)
-                          for name in self.layers}
+                values = self.pixel_values(self.n_pilot, self.seg_grid)
             self.sample_pilot(i0, i1, acts, values)
-            bar.update(1)
+            self.advance(bar, 1)
 
         self.sweep(batches, lambda batch: self.compute(*batch), sample)
         self.check_deferred()
+        if self.ranks.distributed:  # every rank's samples in every rank's values
+            self.seg_grid = job_grid(self.seg_grid, self.ranks)
+            values = values or self.pixel_values(self.n_pilot, self.seg_grid)
+            values = {name: all_sum(v, self.ranks) for name, v in values.items()}
+            if self.skip is not None:
+                self.skip = any_rank(self.skip, self.ranks)
         H, W = self.seg_grid
         population = self.n
         if self.skip is not None and self.skip[:self.n_pilot].any():  # samples left out whole
@@ -718,13 +870,17 @@ class _Run:
             edges[name] = pilot_edges(values[name], self.q, self.bins, population=population, pixels=H * W)
 
         self.side.run(place, self.layers, [self.units[name] for name in self.layers])
-        stats = {name: _LayerStats(self.units[name], self.k, self.device) for name in self.layers}
-        for name in self.layers:
-            stats[name].hist = TailHistogram(edges[name], self.C)
+        stats = self.fresh_stats(edges)
         with self.guard.critical():
             self.edges, self.stats, self.next_batch = edges, stats, 0
         if time.monotonic() - start >= self.checkpoint_every:
             self.save_checkpoint()
+
+    def pixel_values(self, n, grid):
+        """Zeros to write the sampled pixel values of n samples into (U, n, R*S) per layer (in a job
+        each rank writes its own samples' and the ranks' tensors are summed)."""
+        R, S = self.pilot_grid(grid)
+        return {name: torch.zeros(self.units[name], n, R * S, device=self.device) for name in self.layers}
 
     def pilot_grid(self, grid=None):
         """The R x S blocks of the segmentation grid that each hold one pilot pixel per sample."""
@@ -764,13 +920,14 @@ class _Run:
         rule, what = self.rule, "threshold-set samples"
         nt = rule.samples
         self.z_threshold = check_sample_z(self.G, nt, rule.seed, sample_latents(self.G, nt, rule.seed)).to(self.device)
-        batches = self.batches(0, nt)
-        bar = tqdm(total=2 * len(batches), desc="dissect: IQR thresholds", disable=not self.progress)
+        every = self.batches(0, nt)
+        batches = self.mine(every)
+        bar = tqdm(total=2 * len(every), desc="dissect: IQR thresholds", disable=not self.progress)
         first = {}
 
         def generate(batch):  # on a lane
             i0, i1 = batch
-            if i0 == 0 and not first:  # the first batch's labels give the grid; kept for step 2
+            if batch == batches[0]:  # the first batch's labels give the grid; kept for step 2
                 x, acts, _, bad = self.forward(self.z_threshold[i0:i1], self.layers, None, True, batch, what)
                 return acts, self.segment(x, bad, batch, what), bad
             _, acts, _, _ = self.forward(self.z_threshold[i0:i1], self.layers, self.stop_after, False, batch, what)
@@ -782,14 +939,15 @@ class _Run:
             (i0, i1), (acts, seg, bad) = batch, out
             if seg is not None:
                 first.update(seg=seg, bad=bad, grid=tuple(seg.shape[-2:]))
-                R, S = self.pilot_grid(first["grid"])
-                values.update({name: torch.empty(self.units[name], nt, R * S, device=self.device) for name in self.layers})
+                values.update(self.pixel_values(nt, first["grid"]))
             self.sample_pixels(f"threshold {rule.seed}:{i0}", i0, i1, acts, values, first["grid"])
-            bar.update(1)
+            self.advance(bar, 1)
 
         self.sweep(batches, generate, sample)
         self.check_deferred()
-        grid, fractions = first["grid"], rule.fractions
+        grid, fractions = job_grid(first.get("grid"), self.ranks), rule.fractions
+        if self.ranks.distributed:  # every rank's samples in every rank's values
+            values = {name: all_sum(v, self.ranks) for name, v in (values or self.pixel_values(nt, grid)).items()}
         self.seg_grid = self.seg_grid or grid  # (the same segmenter: the main pass's grid)
         cands, grids, lookups, hists = {}, {}, {}, {}
         for name in self.layers:
@@ -801,7 +959,7 @@ class _Run:
 
         def label(batch):  # on a lane
             i0, i1 = batch
-            if i0 == 0:
+            if batch == batches[0]:
                 _, acts, _, _ = self.forward(self.z_threshold[i0:i1], self.layers, self.stop_after, False, batch, what)
                 return acts, first["seg"], first["bad"]
             x, acts, _, bad = self.forward(self.z_threshold[i0:i1], self.layers, None, True, batch, what)
@@ -821,18 +979,18 @@ class _Run:
                               self.chunk)
 
             self.side.run(layer, self.layers, [self.units[name] for name in self.layers])
-            bar.update(1)
+            self.advance(bar, 1)
 
         self.sweep(batches, label, count)
         bar.close()
         self.check_deferred()
+        for name in self.layers:
+            sum_histogram(hists[name], self.ranks)
         choice, edges = {}, {}
         for name in self.layers:
             choice[name] = choose_levels(iqr_scores(hists[name], cands[name].levels), cands[name], fractions)
             edges[name] = choice[name].levels[:, None].float().contiguous()
-        stats = {name: _LayerStats(self.units[name], self.k, self.device) for name in self.layers}
-        for name in self.layers:
-            stats[name].hist = TailHistogram(edges[name], self.C)
+        stats = self.fresh_stats(edges)
         with self.guard.critical():
             self.iqr, self.edges, self.stats, self.next_batch = choice, edges, stats, 0
 
@@ -845,22 +1003,13 @@ class _Run:
 
     def main_pass(self, batches, bar):
         last = [time.monotonic()]
-        H, W = self.seg_grid
-        # batches the pilot keeps are counted together, as many as one unit chunk holds (computed
-        # again if a resumed run does not hold them: the groups are the same, so are the bits);
-        # they stay for refinement only if they are all the samples (else the forward passes to
-        # come need their memory)
-        group = max(self.bs, self.tuning.chunk_elements // max(self.units[name] * H * W for name in self.layers))
         planned = [self.planned(i0, i1) for i0, i1 in batches]
-        keep = all(planned)
-        steps, b = [], 0  # (b, e, kept): kept batches b..e-1 counted together, or batch b run
-        while b < len(batches):
-            i0, e = batches[b][0], b
-            while e < len(batches) and batches[e][1] - i0 <= group and planned[e]:
-                e += 1
-            steps.append((b, e, True) if e > b else (b, b + 1, False))
-            b = steps[-1][1]
-        steps = [(max(b, self.next_batch), e, kept) for b, e, kept in steps if e > self.next_batch]
+        if self.ranks.distributed:  # this rank's batches, each counted alone
+            own = [j for j in range(len(batches)) if self.ranks.owner(j) == self.ranks.rank]
+            keep = all(planned[j] for j in own)
+            steps = [(j, j + 1, planned[j]) for j in own if j >= self.next_batch]
+        else:
+            steps, keep = self.main_steps(batches, planned), all(planned)
 
         def run(step):  # on a lane, ahead of the statistics
             b, e, kept = step
@@ -892,12 +1041,28 @@ class _Run:
                 self.next_batch = e
                 self._dirty = False
             del acts, seg, out
-            bar.update(e - b)
+            self.advance(bar, e - b)
             if time.monotonic() - last[0] >= self.checkpoint_every and e < len(batches):
                 self.save_checkpoint()
                 last[0] = time.monotonic()
 
         self.sweep(steps, run, count)
+
+    def main_steps(self, batches, planned):
+        """(b, e, kept): kept batches b..e-1 counted together, or batch b run.  Batches the pilot
+        keeps are counted together, as many as one unit chunk holds (computed again if a resumed
+        run does not hold them: the groups are the same, so are the bits); they stay for refinement
+        only if they are all the samples (else the forward passes to come need their memory)."""
+        H, W = self.seg_grid
+        group = max(self.bs, self.tuning.chunk_elements // max(self.units[name] * H * W for name in self.layers))
+        steps, b = [], 0
+        while b < len(batches):
+            i0, e = batches[b][0], b
+            while e < len(batches) and batches[e][1] - i0 <= group and planned[e]:
+                e += 1
+            steps.append((b, e, True) if e > b else (b, b + 1, False))
+            b = steps[-1][1]
+        return [(max(b, self.next_batch), e, kept) for b, e, kept in steps if e > self.next_batch]
 
     def sweep(self, items, produce, consume):
         """The one loop of every pass (pilot, the IQR rule's threshold set, main pass, refinement):
@@ -952,10 +1117,13 @@ class _Run:
             if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
                 bound = source_bounds(raw, raw_min, self.convention)[0]  # of the upsampled maxima
                 if bad is None:
-                    st.moments.add(r, (raw_min.amin(0), raw.amax(0)))
+                    for b0 in range(0, N, self.bs):  # batch by batch, however the batches were grouped (and
+                        b1 = b0 + self.bs             # ranks share them): the same float32 sums
+                        st.moments.add(r[b0:b1], (raw_min[b0:b1].amin(0), raw[b0:b1].amax(0)))
                     st.topk.add(maxima if dense else self.maxima(r, st.topk, maxima, bound), ids, later)
                 else:  # finite values only; the maxima of maps with non-finite values are over their finite pixels
-                    st.moments.add(r, valid=torch.isfinite(r))
+                    for b0 in range(0, N, self.bs):
+                        st.moments.add(r[b0:b0 + self.bs], valid=torch.isfinite(r[b0:b0 + self.bs]))
                     maxima = torch.where(bad, finite_max, maxima)
                     bound = bound.masked_fill(bad, -math.inf)
                     st.topk.add(maxima if dense else self.maxima(r, st.topk, maxima, bound), ids, later)
@@ -1016,7 +1184,7 @@ class _Run:
                 s.hist = TailHistogram(edges, self.C)
                 fresh[name] = s
             names = list(redo)
-            batches = self.batches(0, self.n)
+            batches = self.mine(self.batches(0, self.n))
 
             def replay(batch):  # on a lane: kept activations, or the generator only (segmentations are cached)
                 acts = self.cached(*batch, names)
@@ -1027,6 +1195,8 @@ class _Run:
 
             self.sweep(batches, replay, lambda batch, out: self.accumulate(out[0], out[1], *batch, fresh, moments=False,
                                                                            ext=out[2]))
+            for name in names:
+                sum_histogram(fresh[name].hist, self.ranks)
             with self.guard.critical():
                 for name in names:
                     self.stats[name].hist = fresh[name].hist
@@ -1036,7 +1206,7 @@ class _Run:
         out = {"images": int(self.skip.sum()) if self.skip is not None else 0}
         for name in self.layers:
             out[name] = int(self.stats[name].hist.skipped.sum())
-        if any(out.values()):
+        if any(out.values()) and self.ranks.writer:
             told = ", ".join(f"{k} {v}" for k, v in out.items() if v)
             warnings.warn(f"nonfinite='skip' left out non-finite values: {told} (images: samples left out whole; "
                           f"layers: upsampled unit pixels left out of their unit's counts)", RuntimeWarning,

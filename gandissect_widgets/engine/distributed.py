@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Ranks", "RankFailed", "job", "join", "all_sum", "all_min", "all_max", "gather", "gather_objects",
+__all__ = ["Ranks", "RankFailed", "job", "join", "current", "all_sum", "all_min", "all_max", "gather", "gather_objects",
            "broadcast", "agree", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds a collective waits for the other ranks before it fails
@@ -110,6 +110,20 @@ def join(device=None, timeout: float = DEFAULT_TIMEOUT) -> Ranks:
         torch.cuda.set_device(local)
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout))
     return Ranks(rank, size, local, backend)
+
+
+def current() -> Ranks:
+    """The ``Ranks`` of the process group the caller initialised (``job()`` or
+    ``torch.distributed.init_process_group``), or one process.  Started by ``torchrun`` without
+    a group: ``ValueError``, since each rank would do the whole job (and write the same files)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return join()
+    if _env_int("WORLD_SIZE", 1) > 1:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set (torchrun) but no process group is "
+                         "initialised: run the work inside `with gandissect_widgets.engine.distributed.job(device) "
+                         "as ranks:` (or torch.distributed.init_process_group), or pass ranks=")
+    return Ranks()
 
 
 @contextlib.contextmanager

@@ -95,40 +95,45 @@ def reserve(fd, size):
 
 
 class InterruptGuard:
-    """A SIGINT (Ctrl-C) that arrives inside ``critical()`` is held until the section ends, then
-    raised; elsewhere it is raised at once.  Only where signals can be handled (the main thread);
-    elsewhere no KeyboardInterrupt can arrive anyway."""
+    """A SIGINT (Ctrl-C) or SIGTERM (``kill``; torchrun stopping the other ranks of a job when one
+    fails) that arrives inside ``critical()`` is held until the section ends, then raised as
+    ``KeyboardInterrupt``; elsewhere it is raised at once.  Only where signals can be handled (the
+    main thread); elsewhere no KeyboardInterrupt can arrive anyway.  SIGTERM is taken only where
+    it has its default action (a program that handles it keeps its handler)."""
 
     def __init__(self):
-        self.depth, self.pending = 0, False
-        self._prev, self._installed = None, False
+        self.depth, self.pending = 0, None
+        self._prev = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            try:
-                prev = signal.getsignal(signal.SIGINT)
-            except (ValueError, OSError):
-                prev = None
-            if callable(prev):
-                self._prev = prev
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
-                    signal.signal(signal.SIGINT, self._handler)
-                    self._installed = True
+                    prev = signal.getsignal(sig)
+                    if callable(prev) if sig == signal.SIGINT else prev == signal.SIG_DFL:
+                        signal.signal(sig, self._handler)
+                        self._prev[sig] = prev
                 except (ValueError, OSError):
                     pass
         return self
 
     def __exit__(self, *exc):
-        if self._installed:
-            signal.signal(signal.SIGINT, self._prev)
-            self._installed = False
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
+        self._prev = {}
         return False
 
     def _handler(self, signum, frame):
         if self.depth > 0:
-            self.pending = True  # a second Ctrl-C inside the section waits too: it is short
+            self.pending = signum  # a second signal inside the section waits too: it is short
             return
-        self._prev(signum, frame)
+        self._raise(signum, frame)
+
+    def _raise(self, signum, frame):
+        prev = self._prev.get(signum)
+        if signum == signal.SIGINT and callable(prev):
+            return prev(signum, frame)  # the default handler raises KeyboardInterrupt
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
     @contextlib.contextmanager
     def critical(self):
@@ -137,9 +142,9 @@ class InterruptGuard:
             yield
         finally:
             self.depth -= 1
-        if self.depth == 0 and self.pending:
-            self.pending = False
-            self._prev(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+        if self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            self._raise(signum, None)
 
 
 class WorkLock:
