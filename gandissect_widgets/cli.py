@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+import warnings
 
 import torch
 
@@ -420,8 +421,8 @@ def _probe(G, S, layers, device):
 
     Returns {"layers": {name: (C,h,w)}, "latent_bytes": per sample (with the copies made while
     drawing), "seg_bytes": per sample of the segmentation cache, "labels": S.labels}."""
-    from gandissect_widgets.engine.hooks import TraceDict, resolve_layers
-    from gandissect_widgets.engine.layer_listing import describe_output, feature_maps
+    from gandissect_widgets.engine.hooks import resolve_layers
+    from gandissect_widgets.engine.layer_listing import feature_maps, probe_layers
     from gandissect_widgets.engine.protocols import check_generator, check_images, check_segmenter, segment
     check_generator(G)
     resolve_layers(G, layers)
@@ -434,23 +435,17 @@ def _probe(G, S, layers, device):
     if not torch.is_tensor(z) or z.shape[0] != 1:
         raise UserError(f"{type(G).__name__}.sample_z(1, 0) must return a tensor with 1 row, got "
                         f"{type(z).__name__} {tuple(getattr(z, 'shape', ()))}")
-    outs = {}
-
-    def record(out, name):
-        outs[name] = out
-        return out
-
-    with torch.no_grad(), TraceDict(G, layers, retain_output=False, edit_output=record):
-        x = G(z.to(device))
+    p = probe_layers(G, layers, z.to(device))
+    x = p.output
     check_images(x, 1)
     shapes = {}
     for name in layers:
-        out = outs.get(name)
-        if name not in outs:
+        out = p.layers.get(name)
+        if out is None:
             raise UserError(f"layer {name!r} did not run in a forward pass of {type(G).__name__}; "
                             f"choose a layer that runs (see `gandissect layers`)")
-        if not torch.is_tensor(out) or out.dim() != 4:
-            what = describe_output(out) + ("" if torch.is_tensor(out) else ", not a tensor")
+        if out.shape is None or len(out.shape) != 4:
+            what = out.kind + ("" if out.shape is not None else ", not a tensor")
             good = [n for n, _ in feature_maps(G)]
             shown = ", ".join(good[:20]) + (" ..." if len(good) > 20 else "")
             raise UserError(f"layer {name!r} outputs {what}; dissection and interventions need a layer whose output "
@@ -783,7 +778,9 @@ def main(argv=None) -> int:
             args.generator = "sceneworld-artifacts"  # the GAN whose artifact units are known
         if args.command in ("ace", "optimize", "context", "artifacts"):
             fill_models_from(args, args.dissection if args.dissection and os.path.isdir(args.dissection) else None)
-        with _job(args):
+        with _job(args), warnings.catch_warnings():
+            from gandissect_widgets.engine.results import LowCeilingWarning
+            warnings.simplefilter("ignore", LowCeilingWarning)  # dissect prints its own line (d.ceiling_warning)
             commands[args.command](args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

@@ -129,21 +129,12 @@ def refuse_code_inside(spec, directory, what: str = "model", style: str = "cli")
                           f"if you trust it, name it yourself ({name_it(what, spec, style)})")
 
 
-_NOT_GIVEN = object()
-
-
-def recorded_models(generator, segmenter=_NOT_GIVEN) -> dict | None:
+def recorded_models(generator, segmenter) -> dict | None:
     """How to load ``generator`` and ``segmenter`` again, as the command line records it in a result's
     ``settings["models"]``: {kind: {"name", "from", "where", ["package",] "checkpoint", "trust_pickle"}}
     for each one the registry made (``load_generator``, ``load_segmenter``, ``load_model``), None when
     neither came from it (a module built in Python, a model wrapped or made with other options).
-
-    Called with a result's settings alone (the older form), it reads them: ``models_in_settings``."""
-    if segmenter is _NOT_GIVEN:
-        if generator is not None and not isinstance(generator, dict):
-            raise TypeError("recorded_models(generator, segmenter) takes both models (None for one that is not "
-                            "recorded); recorded_models(settings) reads a result's settings")
-        return models_in_settings(generator)
+    ``models_in_settings`` reads a result's record."""
     out = {kind: recipe(model) for kind, model in (("generator", generator), ("segmenter", segmenter))}
     out = {kind: r for kind, r in out.items() if r is not None}
     return out or None

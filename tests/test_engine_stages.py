@@ -465,3 +465,7 @@ def test_min_iqr_rules_out_masks_that_tell_nothing():
     unit_iqr = q[np.arange(16), d.unit_label_ids("layer1")]
     assert (unit_iqr[:4] > 0.5).all()
     assert interpretable(d.unit_ious("layer1"), unit_iqrs=unit_iqr).tolist() == [True] * 4 + [False] * 12
+    # the result asks the same, and only when told to
+    assert d.interpretable("layer1", min_iqr=DEFAULT_MIN_IQR).tolist() == [True] * 4 + [False] * 12
+    assert not d.interpretable("layer1", min_iqr=1.0).any()  # no IQR exceeds 1
+    assert (d.interpretable("layer1") == (d.unit_ious("layer1") > 0.04)).all()

@@ -58,9 +58,8 @@ def test_recorded_models_is_what_the_command_line_records(workdir, plugin, tmp_p
 def test_models_not_made_by_the_registry_are_not_recorded(workdir):
     S = gw.load_segmenter("mymod:make_segmenter")
     assert recorded_models(TinyGenerator(), object()) is None
-    with pytest.raises(TypeError, match="takes both models"):
-        recorded_models(S)
-    assert recorded_models({"generator": "old"}) == {"generator": {"name": "old", "checkpoint": None}}  # settings
+    with pytest.raises(TypeError):
+        recorded_models(S)  # both models, always (models_in_settings reads a result's record)
     wrapped = adapt_generator(torch.nn.Sequential(*gw.load_generator("mymod:make_generator")), zdim=8)
     assert list(recorded_models(wrapped, S)) == ["segmenter"]  # only the one it can load again
     shared = TinyGenerator()  # a factory that returns the same object with an option no record holds
@@ -73,11 +72,11 @@ def test_models_not_made_by_the_registry_are_not_recorded(workdir):
 
 
 def test_a_python_dissection_with_its_record_opens_in_a_session(workdir, tmp_path):
-    """What ``dissect`` writes with ``settings["models"] = recorded_models(G, S)``: a result that opens alone."""
+    """``dissect`` records its registry-made models (``recorded_models(G, S)``): a result that opens alone."""
     G = gw.load_generator("mymod:make_generator", checkpoint="weights.pt")
     S = gw.load_segmenter("mymod:make_segmenter")
     d = gw.dissect(G, S, ["layer2"], n_samples=24, batch_size=8, progress=False, device="cpu")
-    d.settings["models"] = recorded_models(G, S)
+    assert d.settings["models"] == recorded_models(G, S) and d.settings["models"]["generator"]["checkpoint"]
     d.save(tmp_path / "res")
     s = Session.open(tmp_path / "res", device="cpu", samples=range(4))
     assert s.generator is not G and torch.equal(s.generator.layer1.lin.weight, TinyGenerator(seed=3).layer1.lin.weight)
@@ -157,7 +156,7 @@ def test_code_inside_a_result_is_not_imported_and_trust_is_never_the_results(wor
     S = gw.load_segmenter("mymod:make_segmenter")
     assert recorded_models(G, S)["generator"]["trust_pickle"] is True  # recorded as it was
     d = gw.dissect(G, S, ["layer2"], n_samples=16, batch_size=8, progress=False, device="cpu")
-    d.settings["models"] = recorded_models(G, S)
+    assert d.settings["models"] == recorded_models(G, S)
     d.save(res)
     calls = sys.modules["trusting"].CALLS
     Session.open(res, device="cpu")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gandissect_widgets.engine.distributed import Ranks, gather_objects
+from gandissect_widgets.engine.distributed import Ranks, current, gather_objects
 from gandissect_widgets.engine.hooks import Edit, TraceDict, can_run_from, check_units, resolve_layers
 from gandissect_widgets.engine.interventions import (Cost, InsertionValues, Intervention, concept_index,
                                                      concept_presence, layer_activation, render)
@@ -37,15 +37,9 @@ __all__ = ["AceResult", "resolve_ranks", "shared_map", "measure_ace", "measure_a
 
 
 def resolve_ranks(ranks: Ranks | None = None) -> Ranks:
-    """``ranks`` as given; None: the job's when a process group is initialised, else one process
-    (so a plain call in one process behaves as it always did)."""
-    if ranks is not None:
-        return ranks
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        from gandissect_widgets.engine.distributed import join
-        return join()
-    return Ranks()
+    """``ranks`` as given; None: ``distributed.current()`` (the job's when a process group is
+    initialised, else one process: a plain call in one process behaves as it always did)."""
+    return ranks if ranks is not None else current()
 
 
 def shared_map(fn, items, ranks: Ranks) -> list:

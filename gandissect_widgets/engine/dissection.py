@@ -57,6 +57,7 @@ import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,22 +67,23 @@ from gandissect_widgets.engine import devices
 from gandissect_widgets.engine.concept_stats import ConceptPixelCounts
 from gandissect_widgets.engine.counting import candidate_add, dense_add, unit_chunks
 from gandissect_widgets.engine.distributed import RankFailed, Ranks, agree, all_min, all_sum, broadcast, current
-from gandissect_widgets.engine.hooks import ThreadTraces, TraceDict, resolve_layers
+from gandissect_widgets.engine.hooks import ThreadTraces, resolve_layers
 from gandissect_widgets.engine.io import atomic_write_bytes, cache_key
-from gandissect_widgets.engine.layer_listing import describe_output
+from gandissect_widgets.engine.layer_listing import probe_layers
 from gandissect_widgets.engine.protocols import (NonFiniteError, ProtocolError, check_generator, check_images,
                                                  check_sample_z, check_segmenter, fingerprint, model_device,
                                                  sample_latents, segment, thread_safe)
 from gandissect_widgets.engine.rank_merge import (any_rank, job_grid, merge_moments, merge_topk, sum_histogram,
                                                   sum_positions)
 from gandissect_widgets.engine.readout import read_layer
-from gandissect_widgets.engine.results import Dissection
+from gandissect_widgets.engine.results import Dissection, LowCeilingWarning
 from gandissect_widgets.engine.sidebyside import SideBySide
 from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHistogram, count_labels,
                                              dedupe_channels, grid_edges, label_keys, pilot_edges)
 from gandissect_widgets.engine.thresholds import (IqrChoice, IqrRule, QuantileRule, candidate_levels, choose_levels,
                                                   iqr_scores, threshold_rule)
 from gandissect_widgets.engine.tuning import Tuning
+from gandissect_widgets.registry import recorded_models
 from gandissect_widgets.engine.workdir import (SPACE_ERRNOS, CacheBusyError, CacheSpaceError, InterruptGuard,
                                                WorkDirError, WorkLock, remove_work, reserve, space_error)
 from gandissect_widgets.engine.upsample import (check_convention, source_bounds, upsample, upsample_columns,
@@ -210,14 +212,17 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     settings["method"] = backend
     settings["cache_key"] = key
     settings["nonfinite"] = nonfinite
+    models = recorded_models(generator, segmenter)  # how to load them again (not part of the key)
+    if models is not None:
+        settings["models"] = models
     ranks = ranks if ranks is not None else current()
     if ranks.distributed:
         agree(key, ranks, "the dissection's settings (start every rank with the same command)")
         settings["ranks"] = ranks.size
 
     def run_in(work_dir):
-        run = _Run(generator, segmenter, layers, labels, n_samples, seed, rule, batch_size, device, topk, tuning,
-                   progress, work_dir, key, nonfinite, backend, convention, ranks)
+        run = _Run(_Plan(generator, segmenter, layers, labels, int(n_samples), int(seed), rule, int(batch_size), device,
+                         int(topk), tuning, progress, work_dir, key, nonfinite, backend, convention, ranks))
         arrays = run.execute()
         out = dict(settings)
         if nonfinite == "skip":
@@ -227,32 +232,42 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
     if cache_dir is None:
         work_dir = tempfile.mkdtemp(prefix="gandissect-")
         try:
-            return run_in(work_dir)
+            return _told(run_in(work_dir), ranks)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     result_dir = os.path.join(os.fspath(cache_dir), f"dissect-{key}")
     done = os.path.join(result_dir, "dissect.json")
     if ranks.distributed:
-        return _dissect_in_job(ranks, result_dir, done, run_in, lock_wait, progress)
+        return _told(_dissect_in_job(ranks, result_dir, done, run_in, lock_wait, progress), ranks)
     if os.path.exists(done):
-        return Dissection.load(result_dir)
+        return _told(Dissection.load(result_dir), ranks)
     work_dir = os.path.join(result_dir, "work")
     lock = WorkLock(work_dir, done, lock_wait, progress)
     if not lock.acquire():  # another process finished it while this one waited
-        return Dissection.load(result_dir)
+        return _told(Dissection.load(result_dir), ranks)
     try:
         if os.path.exists(done):
-            return Dissection.load(result_dir)
+            return _told(Dissection.load(result_dir), ranks)
         result = run_in(work_dir)
         result.save(result_dir)
         shutil.rmtree(work_dir, ignore_errors=True)  # the lock file too: a waiting process takes the result
-        return result
+        return _told(result, ranks)
     finally:
         try:
             remove_work(work_dir, result_dir)  # unless it holds a checkpoint to resume from
         finally:
             lock.release()
+
+
+def _told(result: Dissection, ranks: Ranks) -> Dissection:
+    """The result as the caller gets it, with a ``LowCeilingWarning`` (once in a job) when some
+    concept cannot reach the cut-off at this threshold."""
+    if ranks.writer:
+        text = result.ceiling_warning()
+        if text:
+            warnings.warn(text, LowCeilingWarning, stacklevel=3)  # at the caller's line
+    return result
 
 
 def _dissect_in_job(ranks, result_dir, done, run_in, lock_wait, progress):
@@ -316,10 +331,15 @@ def _check_args(G, S, layers, n_samples, seed, quantile, batch_size, topk):
 
 
 class _LayerStats:
-    def __init__(self, units, k, device):
-        self.moments = RunningMoments(units, device)
-        self.topk = RunningTopK(units, k, device)
-        self.hist: TailHistogram | None = None
+    """One layer's statistics: moments, top-k and the histogram joint with the labels (``hist``);
+    a refinement counts into the histogram alone (``moments`` and ``topk`` None)."""
+
+    def __init__(self, moments: RunningMoments | None, topk: RunningTopK | None, hist: TailHistogram | None = None):
+        self.moments, self.topk, self.hist = moments, topk, hist
+
+    @classmethod
+    def empty(cls, units, k, device, edges, concepts):
+        return cls(RunningMoments(units, device), RunningTopK(units, k, device), TailHistogram(edges, concepts))
 
     def state_dict(self):
         return {"moments": self.moments.state_dict(), "topk": self.topk.state_dict(),
@@ -327,11 +347,8 @@ class _LayerStats:
 
     @classmethod
     def from_state_dict(cls, sd, device):
-        self = cls.__new__(cls)
-        self.moments = RunningMoments.from_state_dict(sd["moments"], device)
-        self.topk = RunningTopK.from_state_dict(sd["topk"], device)
-        self.hist = TailHistogram.from_state_dict(sd["hist"], device) if sd["hist"] is not None else None
-        return self
+        return cls(RunningMoments.from_state_dict(sd["moments"], device), RunningTopK.from_state_dict(sd["topk"], device),
+                   TailHistogram.from_state_dict(sd["hist"], device) if sd["hist"] is not None else None)
 
 
 def _unit_chunks(r, size, chunk_elements):
@@ -367,6 +384,29 @@ def _sample_maxima(r, size, topk, known, raw, chunk_elements, convention="iclr")
     return known
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one dissection computes, fixed for the run (``_Run`` holds its state)."""
+    G: torch.nn.Module
+    S: object
+    layers: list
+    labels: list
+    n: int
+    seed: int
+    rule: object           # engine.thresholds: QuantileRule or IqrRule
+    batch_size: int
+    device: torch.device
+    k: int                 # top-k samples kept per unit
+    tuning: Tuning
+    progress: bool
+    work_dir: str
+    key: str               # the cache key, checked against a checkpoint's
+    nonfinite: str = "error"
+    method: str = "tail"   # the counting backend, "tail" or "dense"
+    convention: str = "iclr"
+    ranks: Ranks = Ranks()
+
+
 class _Run:
     """One dissection in stages: sampling (``compute``: latents, images, segmentations, each
     sample once, cached for the run), the threshold rule (``pilot_pass`` places the quantile
@@ -377,8 +417,10 @@ class _Run:
     (``engine.rank_merge``), so that every decision (edges, levels, refinement) is taken on the
     same numbers on every rank; a rank's segmentation cache holds its own batches only (``rows``)."""
 
-    def __init__(self, G, S, layers, labels, n, seed, rule, batch_size, device, k, tuning: Tuning, progress,
-                 work_dir, key, nonfinite="error", method="tail", convention="iclr", ranks: Ranks | None = None):
+    def __init__(self, plan: _Plan):
+        G, S, layers, labels, rule, tuning = plan.G, plan.S, plan.layers, plan.labels, plan.rule, plan.tuning
+        n, seed, batch_size, device, k, progress = plan.n, plan.seed, plan.batch_size, plan.device, plan.k, plan.progress
+        work_dir, key, nonfinite, method, convention = plan.work_dir, plan.key, plan.nonfinite, plan.method, plan.convention
         self.G, self.S, self.layers, self.labels = G, S, layers, labels
         self.rule, self.tuning, self.method, self.convention = rule, tuning, method, convention
         self.q = rule.quantile if isinstance(rule, QuantileRule) else 0.99
@@ -387,7 +429,7 @@ class _Run:
         # the IQR rule's levels come from its own threshold set: no pilot
         self.n_pilot = min(int(tuning.pilot_samples), self.n) if isinstance(rule, QuantileRule) else 0
         self.pilot_pixels = int(tuning.pilot_pixels)
-        self.ranks = ranks or Ranks()
+        self.ranks = plan.ranks
         self.checkpoint_every, self.lanes = float(tuning.checkpoint_every), int(tuning.lanes)
         self.progress = progress and self.ranks.writer  # one bar for the whole job
         self.merged = False  # the statistics are the job's, not this rank's (never checkpointed)
@@ -423,33 +465,15 @@ class _Run:
 
     # -- forward ------------------------------------------------------------------------------
     def probe(self):
-        order, shapes, sizes, kinds = [], {}, {}, {}
-        z = self.z[:1].to(self.device)
-
-        def record(out, name):
-            if name not in order:
-                order.append(name)
-            shapes[name] = tuple(out.shape) if torch.is_tensor(out) else None
-            kinds[name] = describe_output(out)
-            sizes[name] = out[0].numel() * out.element_size() if torch.is_tensor(out) and out.shape[0] else 0
-            return out
-
-        with torch.no_grad(), TraceDict(self.G, self.layers, retain_output=False, edit_output=record):
-            x = self.G(z)
-        check_images(x, 1)
-        for name in self.layers:
-            if name not in order:
-                raise ProtocolError(f"layer {name!r} did not run in a forward pass of {type(self.G).__name__}")
-            if shapes[name] is None or len(shapes[name]) != 4:
-                raise ProtocolError(f"layer {name!r} outputs {kinds[name]}; dissection needs a convolutional "
-                                    "feature map (N,C,h,w)")
-        self.order = order
-        self.stop_after = order[-1]
-        self.units = {name: shapes[name][1] for name in self.layers}
-        self.shapes = {name: shapes[name][1:] for name in self.layers}
+        p = probe_layers(self.G, self.layers, self.z[:1].to(self.device))
+        check_images(p.output, 1)
+        self.shapes = p.map_shapes(self.layers)  # {name: (C,h,w)}, or the ProtocolError that says why not
+        self.order = p.order
+        self.stop_after = self.order[-1]
+        self.units = {name: shape[0] for name, shape in self.shapes.items()}
         # the pilot batches whose activations the pilot keeps for the main pass, while they fit:
         # decided by sizes alone, so that a resumed run groups the batches as a whole one does
-        per, held, self.keeps = sum(sizes[name] for name in self.layers), 0, set()
+        per, held, self.keeps = sum(p.layers[name].sample_bytes for name in self.layers), 0, set()
         for i0, i1 in self.mine(self.batches(0, self.n_pilot)):
             if held + (i1 - i0) * per <= self.tuning.pilot_cache_bytes:
                 self.keeps.add(i0)
@@ -635,10 +659,8 @@ class _Run:
             self.edges, self.iqr, self.stats, self.next_batch = None, None, {}, 0
 
     def fresh_stats(self, edges):
-        stats = {name: _LayerStats(self.units[name], self.k, self.device) for name in self.layers}
-        for name in self.layers:
-            stats[name].hist = TailHistogram(edges[name], self.C)
-        return stats
+        return {name: _LayerStats.empty(self.units[name], self.k, self.device, edges[name], self.C)
+                for name in self.layers}
 
     def _keep_on_device(self, seg_cache):
         """Off the CPU, the run's segmentations stay on the device (while they fit
@@ -1178,11 +1200,7 @@ class _Run:
                 redo[name] = edges
             if not redo:
                 return
-            fresh = {}
-            for name, edges in redo.items():
-                s = _LayerStats.__new__(_LayerStats)
-                s.hist = TailHistogram(edges, self.C)
-                fresh[name] = s
+            fresh = {name: _LayerStats(None, None, TailHistogram(edges, self.C)) for name, edges in redo.items()}
             names = list(redo)
             batches = self.mine(self.batches(0, self.n))
 

@@ -107,6 +107,10 @@ def join(device=None, timeout: float = DEFAULT_TIMEOUT) -> Ranks:
     cuda = device is not None and torch.device(device).type == "cuda"
     backend = "nccl" if cuda else "gloo"
     if cuda:
+        if not torch.cuda.is_available() or local >= torch.cuda.device_count():
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ValueError(f"rank {rank} of {size} is local rank {local} on its host, which has {have} CUDA "
+                             f"device(s): start at most {have} ranks per host (torchrun --nproc-per-node {have})")
         torch.cuda.set_device(local)
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout))
     return Ranks(rank, size, local, backend)

@@ -234,9 +234,17 @@ class Dissection:
         iou = self.iou(layer)
         return iou[np.arange(iou.shape[0]), self.unit_label_ids(layer)]
 
-    def interpretable(self, layer: str, min_iou: float = DEFAULT_MIN_IOU) -> np.ndarray:
-        """(units,) bool: the unit's best IoU exceeds ``min_iou``."""
-        return self.unit_ious(layer) > min_iou
+    def interpretable(self, layer: str, min_iou: float = DEFAULT_MIN_IOU, min_iqr: float | None = None) -> np.ndarray:
+        """(units,) bool: the unit's best IoU exceeds ``min_iou``; with ``min_iqr`` (the ICLR code's
+        second condition under its IQR thresholds, 0.01 there: ``readout.DEFAULT_MIN_IQR``), its
+        mask's IQR with that label at its threshold, over the dissection samples, exceeds it too."""
+        ious = self.unit_ious(layer)
+        if min_iqr is None:
+            return ious > min_iou
+        q = readout.iqr_at_threshold(*(self.array(layer, k) for k in ("intersection", "mask_pixels", "concept_pixels",
+                                                                     "n_pixels")))
+        own = q[np.arange(len(ious)), self.unit_label_ids(layer)]
+        return readout.interpretable(ious, min_iou, own, min_iqr)
 
     def topk(self, layer: str) -> np.ndarray:
         """(units, k) sample indices of each unit's top-activating samples (seed/order of the run)."""

@@ -111,8 +111,8 @@ MODELS_ADVICE = ("give the models with --generator and --segmenter: a registered
 def _load_models(d, directory, generator, segmenter, checkpoint, segmenter_checkpoint, device, trust_pickle=False):
     """(G, S, notes) or (None, None, notes): the models recorded in the settings unless others are given."""
     from gandissect_widgets.engine.protocols import fingerprint
-    from gandissect_widgets.registry import load_model, models_to_load, recorded_models
-    recorded = recorded_models(d.settings)
+    from gandissect_widgets.registry import load_model, models_in_settings, models_to_load
+    recorded = models_in_settings(d.settings)
     gname = generator or recorded.get("generator", {}).get("name")
     sname = segmenter or recorded.get("segmenter", {}).get("name")
     notes = []
