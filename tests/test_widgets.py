@@ -245,6 +245,18 @@ def test_static_picture_beside_every_widget(session):
     assert empty.snapshot_png() is not None
 
 
+def test_unit_browser_on_a_session_with_a_unit_selected_draws_cards_and_detail(session):
+    """The detail runs in its own lane: a click right after the constructor (or a session whose
+    unit is already chosen) no longer drops the cards' job."""
+    session.update(unit=2)
+    b = UnitBrowser(session, per_page=6)
+    b.click(3)
+    assert b.wait()
+    assert len(b.visible_cards()) == 6 and all(c.children[0].value[:4] == b"\x89PNG" for c in b.visible_cards())
+    assert b.last_error is None, b.last_error
+    assert "unit 3" in b.detail_title.value and b.detail_samples.value[:4] == b"\x89PNG"
+
+
 def _rgba(png):
     import io
     from PIL import Image

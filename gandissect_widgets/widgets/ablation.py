@@ -13,7 +13,7 @@ from gandissect_widgets.engine.session import parse_indices
 from gandissect_widgets.report.figures import difference_colorbar_figure
 from gandissect_widgets.widgets import snapshot
 from gandissect_widgets.widgets.base import Chart, View, image_widget, pixels, row, strength_slider
-from gandissect_widgets.widgets.encode import encode_image
+from gandissect_widgets.widgets.encode import drawn, encode_image
 
 __all__ = ["AblationPanel"]
 
@@ -62,7 +62,7 @@ class AblationPanel(View):
         s.observe(self._session_changed, names=["selection", "samples", "mode", "concept", "layer", "strength"])
         if s.concept is None:
             s.update(concept=self.concept.value)
-        self.scale_bar.show(difference_colorbar_figure(DIFFERENCE_GAIN))
+        self.scale_bar.value = drawn(difference_colorbar_figure, DIFFERENCE_GAIN)
         self._build_toggles()
         self.refresh()
 

@@ -66,9 +66,6 @@ class Chart(W.Box):
             if image.value != png:
                 image.value = png
 
-    def show(self, fig):
-        from gandissect_widgets.widgets.encode import figure_pngs
-        self.value = figure_pngs(fig)
 
 
 def strength_slider(session):

@@ -10,7 +10,7 @@ from gandissect_widgets.engine.imaging import grid, heatmap, overlay_mask, strip
 from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU, descending, descending_within
 from gandissect_widgets.report.figures import heatmap_colorbar_figure, unit_histogram_figure, unit_iou_figure
 from gandissect_widgets.widgets.base import Chart, View, caption, image_widget, pixels, row
-from gandissect_widgets.widgets.encode import encode_image, figure_pngs
+from gandissect_widgets.widgets.encode import drawn, encode_image
 
 __all__ = ["UnitBrowser"]
 
@@ -162,7 +162,7 @@ class UnitBrowser(View):
 
     def show_unit(self, unit: int):
         layer = self.layer.value
-        self.run(lambda: self._detail(layer, unit), self._set_detail)
+        self.run(lambda: self._detail(layer, unit), self._set_detail, lane="detail")
 
     def _detail(self, layer, unit):
         s = self.session
@@ -170,12 +170,12 @@ class UnitBrowser(View):
         imgs, masks, all_maps = s.unit_gallery(layer, [unit], 20)[unit]  # one render for both views
         n = 2 * DETAIL_COLUMNS
         imgs, masks, maps = imgs[:n], masks[:n], all_maps[:n]
-        iou_png = figure_pngs(unit_iou_figure(d, layer, unit))
-        hist_png = figure_pngs(unit_histogram_figure(all_maps.reshape(-1), float(d.thresholds(layer)[unit]), unit))
+        iou_png = drawn(unit_iou_figure, d, layer, unit)
+        hist_png = drawn(unit_histogram_figure, all_maps.reshape(-1), float(d.thresholds(layer)[unit]), unit)
         samples = grid(overlay_mask(imgs, masks), cols=DETAIL_COLUMNS, fill=None)
         lo, hi = float(maps.min()), float(maps.max())
         heat = grid(np.stack([heatmap(m, lo, hi) for m in maps]), cols=DETAIL_COLUMNS, fill=None)
-        key_png = figure_pngs(heatmap_colorbar_figure(lo, hi, f"activation of unit {unit}"))
+        key_png = drawn(heatmap_colorbar_figure, lo, hi, f"activation of unit {unit}")
         title = (f"<b>{html.escape(layer)} unit {unit}</b>: {html.escape(d.unit_labels(layer)[unit])}, "
                  f"{html.escape(d.describe_unit(layer, unit))}; threshold {d.thresholds(layer)[unit]:.3g}")
         size = (samples.shape[1] * self.scale, samples.shape[0] * self.scale)

@@ -31,10 +31,23 @@ def encode_image(arr: np.ndarray, fmt: str = "png", scale: int = 1, quality: int
     return buf.getvalue()
 
 
-# Figures are drawn one at a time: views draw their charts in threads of their own, and matplotlib's
-# text layout is not thread-safe (its mathtext parser, for log-scale tick labels, shares a cache:
-# two threads parsing at once fail with "Unknown symbol: \\mathdefault").
-_DRAWING = threading.Lock()
+# Figures are made and drawn one at a time: views draw their charts in threads of their own, and
+# matplotlib's text layout is not thread-safe (its mathtext parser, for log-scale tick labels, shares
+# a cache: two threads parsing at once fail with "Unknown symbol: \\mathdefault" or a ParseException),
+# and making a figure lays text out too.  Reentrant: ``drawn`` holds it over both.
+_DRAWING = threading.RLock()
+
+
+def drawing():
+    """The lock that figures are made and drawn under (reentrant), for code that makes several."""
+    return _DRAWING
+
+
+def drawn(make_figure, *args, **kwargs) -> tuple[bytes, bytes]:
+    """``figure_pngs(make_figure(*args, **kwargs))``, the figure made and drawn under one lock
+    (what a view calls from its threads)."""
+    with _DRAWING:
+        return figure_pngs(make_figure(*args, **kwargs))
 
 
 def figure_png(fig, dpi: int = 90) -> bytes:

@@ -8,7 +8,7 @@ import numpy as np
 from gandissect_widgets.engine.readout import descending
 from gandissect_widgets.report.figures import ranking_figure
 from gandissect_widgets.widgets.base import Chart, View, row
-from gandissect_widgets.widgets.encode import figure_pngs
+from gandissect_widgets.widgets.encode import drawn
 
 __all__ = ["IouRanking", "ACE_SCOPES"]
 
@@ -105,7 +105,7 @@ class IouRanking(View):
         def shown(png):
             self.chart.value = png
             self.highlighted = selected
-        self.run(lambda: figure_pngs(ranking_figure(sc, order, set(selected), concept, metric)), shown, lane="chart")
+        self.run(lambda: drawn(ranking_figure, sc, order, set(selected), concept, metric), shown, lane="chart")
 
     def send_selection(self):
         s = self.session

@@ -10,7 +10,7 @@ import ipywidgets as W
 from gandissect_widgets.engine.readout import DEFAULT_MIN_IOU
 from gandissect_widgets.report.figures import interpretable_units_figures
 from gandissect_widgets.widgets.base import Chart, View, caption, row
-from gandissect_widgets.widgets.encode import figure_pngs
+from gandissect_widgets.widgets.encode import drawing, figure_pngs
 
 __all__ = ["LayerSummary"]
 
@@ -43,8 +43,9 @@ class LayerSummary(View):
         self.run(lambda: self._draw(rows, m), self._show)
 
     def _draw(self, rows, m):
-        figs = interpretable_units_figures([dd for _, dd in rows], min_iou=m)
-        return [f.axes[0].get_ylim() for f in figs], [figure_pngs(f) for f in figs], self._table(rows, m)
+        with drawing():  # the figures made and drawn under one lock
+            figs = interpretable_units_figures([dd for _, dd in rows], min_iou=m)
+            return [f.axes[0].get_ylim() for f in figs], [figure_pngs(f) for f in figs], self._table(rows, m)
 
     def _show(self, parts):
         self.ylims, pngs, table = parts

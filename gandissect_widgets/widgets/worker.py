@@ -1,11 +1,33 @@
 """Run renders off the comm thread; the latest request wins and stale results are dropped."""
 from __future__ import annotations
 
+import atexit
 import threading
+import time
 import traceback
+import weakref
 from typing import Callable
 
 __all__ = ["LatestWins"]
+
+_LIVE: "weakref.WeakSet[LatestWins]" = weakref.WeakSet()
+
+
+@atexit.register
+def _quiesce(timeout: float = 30.0):
+    """At interpreter exit no job starts any more and the running ones finish first: a daemon
+    thread stopped inside torch's C++ code while the interpreter shuts down aborts the process
+    ("terminate called without an active exception", exit status 134)."""
+    live = list(_LIVE)
+    for w in live:
+        with w._cv:
+            w._closed, w._pending = True, None
+            w._cv.notify_all()
+    deadline = time.monotonic() + timeout
+    for w in live:
+        t = w._thread
+        if t is not None and t.is_alive() and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 class LatestWins:
@@ -20,6 +42,8 @@ class LatestWins:
         self._gen = 0
         self._running = False
         self._thread = None
+        self._closed = False  # the interpreter is exiting: no job starts
+        _LIVE.add(self)
 
     @property
     def generation(self):
@@ -28,6 +52,8 @@ class LatestWins:
     def submit(self, job: Callable, done: Callable | None = None):
         with self._cv:
             self._gen += 1
+            if self._closed:
+                return self._gen
             self._pending = (self._gen, job, done)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=f"gandissect-{self.name}", daemon=True)
@@ -39,6 +65,9 @@ class LatestWins:
         while True:
             with self._cv:
                 while self._pending is None:
+                    if self._closed:
+                        self._thread = None
+                        return
                     if not self._cv.wait(timeout=5.0):
                         if self._pending is None:
                             self._thread = None
