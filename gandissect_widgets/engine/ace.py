@@ -116,6 +116,16 @@ def _pass_cost(G, layer, n_images: int, segmented: bool = True) -> Cost:
     return Cost(1, int(can_run_from(G, layer)), int(segmented), n_images)
 
 
+def _batch_at(held, b, batches, z, dev, G, layer, resumable):
+    """(latents, layer output) of batch ``b``, kept in ``held`` while its passes come in order
+    (the layer output only where the generator re-runs from the layer)."""
+    if b not in held:
+        held.clear()
+        zb = z[batches[b][0]:batches[b][1]].to(dev)
+        held[b] = zb, (layer_activation(G, zb, layer) if resumable else None)
+    return held[b]
+
+
 def _edited_presence(G, S, layer, c, zb, r, weights, values=None):
     """(P, B) presence of concept ``c`` under P edits at once: row j of ``weights`` (P,C) are the
     unit weights of edit j (k = ``values`` (C,), None: ablation), applied to its own copy of the
@@ -254,11 +264,7 @@ def unit_ace(G, S, layer: str, concept, n_samples: int = 64, seed: int = 2, batc
 
     def differences(item):
         b, g = item
-        if b not in held:
-            held.clear()
-            zb = z[batches[b][0]:batches[b][1]].to(dev)
-            held[b] = zb, (layer_activation(G, zb, layer) if resumable else None)
-        zb, r = held[b]
+        zb, r = _batch_at(held, b, batches, z, dev, G, layer, resumable)
         onehot = torch.nn.functional.one_hot(torch.tensor(groups[g], device=dev), U).float()
         pin = _edited_presence(G, S, layer, c, zb, r, onehot, values)
         pab = _edited_presence(G, S, layer, c, zb, r, onehot)
@@ -348,11 +354,7 @@ def removal_curve(G, S, layer: str, concept, rankings: dict, ks=(1, 2, 5, 10, 20
 
     def sums(item):  # per-batch presence sums: [unedited], or one per unit set of the group
         b, g = item
-        if b not in held:
-            held.clear()
-            zb = z[batches[b][0]:batches[b][1]].to(dev)
-            held[b] = zb, (layer_activation(G, zb, layer) if resumable else None)
-        zb, r = held[b]
+        zb, r = _batch_at(held, b, batches, z, dev, G, layer, resumable)
         if g is None:
             out = [float(concept_presence(S, render(G, zb, [], activation=r, layer=layer), c).double().sum())]
         else:

@@ -33,24 +33,22 @@ def sum_histogram(h: TailHistogram, ranks: Ranks) -> TailHistogram:
 
 
 def merge_moments(m: RunningMoments, ranks: Ranks) -> RunningMoments:
-    if not ranks.distributed:
-        return m
-    parts = gather_objects(m.state_dict(), ranks)
-    dev = m.mean.device
-    out = RunningMoments.from_state_dict(parts[0], dev)
-    for sd in parts[1:]:
-        out.merge(RunningMoments.from_state_dict(sd, dev))
-    return out
+    return _merged(m, ranks, m.mean.device)
 
 
 def merge_topk(t: RunningTopK, ranks: Ranks) -> RunningTopK:
+    return _merged(t, ranks, t.values.device)
+
+
+def _merged(stat, ranks: Ranks, device):
+    """Every rank's ``stat`` (a statistic with ``state_dict``/``from_state_dict``/``merge``) merged
+    in rank order, the same on every rank."""
     if not ranks.distributed:
-        return t
-    parts = gather_objects(t.state_dict(), ranks)
-    dev = t.values.device
-    out = RunningTopK.from_state_dict(parts[0], dev)
+        return stat
+    parts = gather_objects(stat.state_dict(), ranks)
+    out = type(stat).from_state_dict(parts[0], device)
     for sd in parts[1:]:
-        out.merge(RunningTopK.from_state_dict(sd, dev))
+        out.merge(type(stat).from_state_dict(sd, device))
     return out
 
 
