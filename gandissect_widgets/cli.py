@@ -751,6 +751,16 @@ def expected_message(exc) -> str | None:
     return None
 
 
+def _holds_work(cache) -> bool:
+    """Whether ``cache`` holds work a rerun resumes from (a checkpoint or segmentations)."""
+    if not cache or not os.path.isdir(cache):
+        return False
+    for _, _, files in os.walk(cache):
+        if "checkpoint.pt" in files or "segmentation.npy" in files:
+            return True
+    return False
+
+
 def _job(args):
     """The commands that run models run as one rank of a ``torchrun`` job when started by one
     (``engine.distributed.job``: gloo on CPUs, nccl for --device cuda, one GPU per local rank);
@@ -786,7 +796,7 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt as e:
         cache = _run_state.get("cache")
-        hint = f"; the work so far is kept in {cache}: the same command resumes it" if cache else ""
+        hint = f"; the work so far is kept in {cache}: the same command resumes it" if _holds_work(cache) else ""
         how = "interrupted"
         if "SIGTERM" in str(e):  # engine.workdir.InterruptGuard: `kill`, or torchrun stopping a job's ranks
             ranks = os.environ.get("WORLD_SIZE", "1")

@@ -121,6 +121,9 @@ def test_killed_rank_stops_the_job_and_the_same_command_resumes(tmp_path, one_pr
     work = out / ".cache" / f"dissect-{want_doc['settings']['cache_key']}" / "work"
     assert sorted(os.listdir(work)) == ["rank-0-of-2", "rank-1-of-2"]
     assert all((work / r / "checkpoint.pt").exists() for r in os.listdir(work))
+    stale = work / "rank-0-of-3"  # what a job of another size left: removed with the rest on success
+    stale.mkdir()
+    (stale / "checkpoint.pt").write_bytes(b"stale")
     # the same command resumes from every rank's checkpoint and ends where one process does
     p, _ = torchrun(2, args, GD_DIE_AT="4", GD_DIE_MARKER=str(marker), GD_DIE_RANK="1")
     assert p.returncode == 0, p.stderr[-3000:]

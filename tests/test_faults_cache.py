@@ -295,6 +295,18 @@ def test_sigint_while_refining(tmp_path, monkeypatch):
     assert_identical(clean, crun(cache_dir=tmp_path, **KW))
 
 
+def test_a_checkpoint_of_another_batch_size_is_not_resumed(tmp_path, monkeypatch):
+    """The batch size is not part of the key (results are the same), but a checkpoint counts
+    batches: resumed with batches of another size it would count samples twice or not at all."""
+    sigint_on_call(monkeypatch, D._Run, "accumulate", 4)
+    with pytest.raises(KeyboardInterrupt):
+        crun(cache_dir=tmp_path, **KW)
+    monkeypatch.undo()
+    assert checkpoint_of(tmp_path)["batch_size"] == 8
+    other = dict(KW, batch_size=12)
+    assert_identical(crun(**other), crun(cache_dir=tmp_path, **other))
+
+
 def test_sigint_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
     kw = dict(KW, checkpoint_every=0)
     clean = crun(**kw)
@@ -565,3 +577,15 @@ def test_sample_z_must_be_reproducible():
     with pytest.raises(ProtocolError, match=r"sample_z\(40, 1\)\[:4\] differs from sample_z\(4, 1\)"):
         run(G=NoPrefixZ())
     run(G=TinyGenerator(), n_samples=2)  # fewer samples than the check's k: fine
+
+
+def test_moments_are_added_batch_by_batch_whether_kept_batches_are_grouped_or_not():
+    """Samples left out whole (nonfinite='skip') inside batches the pilot keeps (counted as one
+    group): the moments are the batches' own sums all the same, as a job's ranks add them."""
+    from gandissect_widgets.engine.tuning import Tuning
+    kw = dict(n_samples=64, batch_size=8, pilot_samples=40, nonfinite="skip", layers=["layer2", "layer3"])
+    grouped = run(G=NaNImages(), **kw)
+    alone = run(G=NaNImages(), tuning=Tuning(pilot_cache_bytes=0), **kw)  # nothing kept: each batch alone
+    for layer in grouped.layers:
+        for name in ("mean", "std", "thresholds", "topk_indices"):
+            assert np.array_equal(grouped.array(layer, name), alone.array(layer, name)), (layer, name)

@@ -367,13 +367,22 @@ def test_catalogue_size():
 def test_interrupt_exits_130_in_one_line(world, tmp_path, monkeypatch, capsys):
     from gandissect_widgets.engine import dissection
 
-    def dissect(*a, **k):
+    kept = []
+
+    def dissect(*a, cache_dir=None, **k):
+        if kept:  # interrupted after a checkpoint was written
+            os.makedirs(os.path.join(cache_dir, "dissect-0", "work"))
+            open(os.path.join(cache_dir, "dissect-0", "work", "checkpoint.pt"), "wb").close()
         raise KeyboardInterrupt
     monkeypatch.setattr(dissection, "dissect", dissect)
     rc = main([*DIS, "--out", str(tmp_path / "new")])
     err = capsys.readouterr().err
     assert rc == 130 and err.count("\n") == 1 and err.startswith("gandissect: interrupted")
-    assert "resumes" in err and not (tmp_path / "new").exists()
+    assert "resumes" not in err and not (tmp_path / "new").exists()  # nothing kept: no word of resuming
+    kept.append(True)
+    rc = main([*DIS, "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.count("\n") == 1 and "the work so far is kept in" in err and "resumes" in err
 
 
 def test_a_bug_prints_its_traceback_and_says_so(tmp_path, monkeypatch, capsys):

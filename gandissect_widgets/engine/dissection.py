@@ -251,7 +251,7 @@ def dissect(generator, segmenter, layers, n_samples: int = 1000, seed: int = 1, 
             return _told(Dissection.load(result_dir), ranks)
         result = run_in(work_dir)
         result.save(result_dir)
-        shutil.rmtree(work_dir, ignore_errors=True)  # the lock file too: a waiting process takes the result
+        shutil.rmtree(work_dir, ignore_errors=True)  # the lock file too (and a job's rank-R-of-K work, now stale)
         return _told(result, ranks)
     finally:
         try:
@@ -297,7 +297,7 @@ def _dissect_in_job(ranks, result_dir, done, run_in, lock_wait, progress):
             raise failed
         if told is not None:
             raise RankFailed(f"{ranks}: rank 0 could not write the result: {told}")
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(work_parent, ignore_errors=True)  # this rank's work, and any other job size's, now stale
         return result
     finally:
         try:
@@ -750,7 +750,7 @@ class _Run:
                 self.seg_cache.flush()
             buf = io.BytesIO()
             torch.save({
-                "key": self.key, "next_batch": self.next_batch, "segmented": self.segmented,
+                "key": self.key, "batch_size": self.bs, "next_batch": self.next_batch, "segmented": self.segmented,
                 "seg_grid": self.seg_grid, "edges": {k: v.cpu() for k, v in (self.edges or {}).items()} or None,
                 "stats": {name: s.state_dict() for name, s in self.stats.items()},
                 "iqr": {name: {k: v.cpu() for k, v in c._asdict().items()} for name, c in self.iqr.items()}
@@ -772,8 +772,8 @@ class _Run:
             ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception:
             return False
-        if ck.get("key") != self.key:
-            return False
+        if ck.get("key") != self.key or ck.get("batch_size") != self.bs:
+            return False  # (batches of another size: other batch indices and cache rows; it starts over)
         try:
             with open(self.seg_path, "r+b") as f:  # a file with holes (an older version's) gets its blocks now
                 reserve(f.fileno(), os.fstat(f.fileno()).st_size)
@@ -1098,6 +1098,11 @@ class _Run:
 
     def accumulate(self, acts, seg, i0, i1, stats, moments=True, ext=None):
         ids = torch.arange(i0, i1, device=self.device)
+        # the batches' rows (moments are added batch by batch, however the batches were grouped and
+        # the ranks share them: the same float32 sums), after the samples left out
+        kept = np.arange(i0, i1) if self.skip is None else np.arange(i0, i1)[~self.skip[i0:i1]]
+        cuts = np.flatnonzero(np.diff(kept // self.bs)) + 1
+        slices = list(zip([0, *cuts.tolist()], [*cuts.tolist(), len(kept)]))
         if self.skip is not None and self.skip[i0:i1].any():  # samples with non-finite images: left out whole
             keep = torch.from_numpy(~self.skip[i0:i1]).to(self.device)
             if not bool(keep.any()):
@@ -1139,13 +1144,12 @@ class _Run:
             if moments:  # on the layer's own grid: upsampling is a convex combination, bounds hold
                 bound = source_bounds(raw, raw_min, self.convention)[0]  # of the upsampled maxima
                 if bad is None:
-                    for b0 in range(0, N, self.bs):  # batch by batch, however the batches were grouped (and
-                        b1 = b0 + self.bs             # ranks share them): the same float32 sums
+                    for b0, b1 in slices:
                         st.moments.add(r[b0:b1], (raw_min[b0:b1].amin(0), raw[b0:b1].amax(0)))
                     st.topk.add(maxima if dense else self.maxima(r, st.topk, maxima, bound), ids, later)
                 else:  # finite values only; the maxima of maps with non-finite values are over their finite pixels
-                    for b0 in range(0, N, self.bs):
-                        st.moments.add(r[b0:b0 + self.bs], valid=torch.isfinite(r[b0:b0 + self.bs]))
+                    for b0, b1 in slices:
+                        st.moments.add(r[b0:b1], valid=torch.isfinite(r[b0:b1]))
                     maxima = torch.where(bad, finite_max, maxima)
                     bound = bound.masked_fill(bad, -math.inf)
                     st.topk.add(maxima if dense else self.maxima(r, st.topk, maxima, bound), ids, later)
