@@ -501,6 +501,7 @@ def _cache_dir(a):
 def cmd_dissect(a):
     from gandissect_widgets.engine.dissection import CacheBusyError, dissect
     from gandissect_widgets.engine.protocols import NonFiniteError
+    from gandissect_widgets.registry import recorded_models
     device = _device(a.device)
     _check_out_dir(a.out)
     cache = _cache_dir(a)
@@ -533,7 +534,9 @@ def cmd_dissect(a):
         except CacheBusyError as e:
             raise UserError(f"{e}; on the command line: leave --lock-wait out to wait for it and load its result, "
                             f"or give another --cache-dir") from e
-        d.settings["models"] = _models_record(a)
+        models = recorded_models(G, S)  # how this command's models load again (registry recipes)
+        if models is not None:
+            d.settings["models"] = models
         if not current().writer:  # one rank of a torchrun job: rank 0 writes and tells
             return
         d.save(a.out, min_iou=a.min_iou)
@@ -550,17 +553,6 @@ def cmd_dissect(a):
     with open(os.path.join(a.out, "dissect.json")) as f:
         arrays = json.load(f)["arrays"]["file"]
     print(f"wrote {os.path.join(a.out, 'dissect.json')} and {os.path.join(a.out, arrays)}")
-
-
-def _models_record(a) -> dict:
-    """How the models of this run load again (kept in dissect.json's settings: registry.recorded_models)."""
-    from gandissect_widgets.registry import origin
-    out = {}
-    for kind, name, ckpt in (("generator", a.generator, a.checkpoint),
-                             ("segmenter", a.segmenter, a.segmenter_checkpoint)):
-        out[kind] = dict(origin(kind, name), checkpoint=os.path.abspath(ckpt) if ckpt else None,
-                         trust_pickle=bool(a.trust_pickle))
-    return out
 
 
 def fill_models_from(a, directory):

@@ -83,11 +83,11 @@ from gandissect_widgets.engine.stats import (RunningMoments, RunningTopK, TailHi
 from gandissect_widgets.engine.thresholds import (IqrChoice, IqrRule, QuantileRule, candidate_levels, choose_levels,
                                                   iqr_scores, threshold_rule)
 from gandissect_widgets.engine.tuning import Tuning
-from gandissect_widgets.registry import recorded_models
 from gandissect_widgets.engine.workdir import (SPACE_ERRNOS, CacheBusyError, CacheSpaceError, InterruptGuard,
                                                WorkDirError, WorkLock, remove_work, reserve, space_error)
 from gandissect_widgets.engine.upsample import (check_convention, source_bounds, upsample, upsample_columns,
                                                 upsample_max, upsample_pixels)
+from gandissect_widgets.registry import recorded_models
 
 __all__ = ["dissect", "ENGINE_VERSION", "WorkDirError", "CacheSpaceError", "CacheBusyError", "NonFiniteError", "METHODS",
            "Tuning"]
@@ -644,19 +644,27 @@ class _Run:
         placed = self.edges is not None
         owns = bool(self.mine(self.batches(0, self.n)))
         if bool(all_min(torch.tensor([int(placed or not owns)]), self.ranks)):
-            sent = broadcast(({k: v.cpu() for k, v in self.edges.items()},
-                              {name: {k: v.cpu() for k, v in c._asdict().items()} for name, c in self.iqr.items()}
-                              if self.iqr is not None else None) if self.ranks.writer else None, self.ranks)
+            sent = broadcast(self.thresholds_state() if self.ranks.writer else None, self.ranks)
             if not placed:
-                edges, iqr = sent
-                self.edges = {k: v.to(self.device) for k, v in edges.items()}
-                if iqr is not None:
-                    self.iqr = {name: IqrChoice(**{k: v.to(self.device) for k, v in c.items()})
-                                for name, c in iqr.items()}
+                self.set_thresholds(sent)
                 self.stats = self.fresh_stats(self.edges)
                 self.next_batch = 0
         elif placed:
             self.edges, self.iqr, self.stats, self.next_batch = None, None, {}, 0
+
+    def thresholds_state(self) -> dict:
+        """The thresholds placed so far, on the CPU: the quantile rule's edges, the IQR rule's choice."""
+        return {"edges": {k: v.cpu() for k, v in self.edges.items()} if self.edges else None,
+                "iqr": {name: {k: v.cpu() for k, v in c._asdict().items()} for name, c in self.iqr.items()}
+                if self.iqr is not None else None}
+
+    def set_thresholds(self, state: dict):
+        """``thresholds_state``'s (from a checkpoint, or rank 0) on this run's device."""
+        if state.get("edges") is not None:
+            self.edges = {k: v.to(self.device) for k, v in state["edges"].items()}
+        if state.get("iqr") is not None:
+            self.iqr = {name: IqrChoice(**{k: v.to(self.device) for k, v in c.items()})
+                        for name, c in state["iqr"].items()}
 
     def fresh_stats(self, edges):
         return {name: _LayerStats.empty(self.units[name], self.k, self.device, edges[name], self.C)
@@ -751,10 +759,8 @@ class _Run:
             buf = io.BytesIO()
             torch.save({
                 "key": self.key, "batch_size": self.bs, "next_batch": self.next_batch, "segmented": self.segmented,
-                "seg_grid": self.seg_grid, "edges": {k: v.cpu() for k, v in (self.edges or {}).items()} or None,
+                "seg_grid": self.seg_grid, **self.thresholds_state(),
                 "stats": {name: s.state_dict() for name, s in self.stats.items()},
-                "iqr": {name: {k: v.cpu() for k, v in c._asdict().items()} for name, c in self.iqr.items()}
-                if self.iqr is not None else None,
                 "positions": self.positions.state_dict() if self.positions is not None else None,
                 "skip": torch.from_numpy(self.skip.copy()) if self.skip is not None else None}, buf)
             data = buf.getvalue()
@@ -790,14 +796,11 @@ class _Run:
             self.seg_dev.copy_(torch.from_numpy(np.asarray(seg_cache)))
         self.segmented, self.next_batch = int(ck["segmented"]), int(ck["next_batch"])
         self.seg_grid = tuple(ck["seg_grid"]) if ck["seg_grid"] is not None else None
-        if ck["edges"] is not None:
-            self.edges = {k: v.to(self.device) for k, v in ck["edges"].items()}
+        self.set_thresholds(ck)
         self.stats = {name: _LayerStats.from_state_dict(sd, self.device) for name, sd in ck["stats"].items()}
         # a checkpoint without them (an older version's) resumes without the position counts
         self.positions = (ConceptPixelCounts.from_state_dict(ck["positions"], self.device)
                           if ck.get("positions") is not None else None)
-        if ck.get("iqr") is not None:
-            self.iqr = {name: IqrChoice(**{k: v.to(self.device) for k, v in c.items()}) for name, c in ck["iqr"].items()}
         if self.skip is not None and ck.get("skip") is not None:
             self.skip = ck["skip"].numpy().astype(bool).copy()
         return True
@@ -1027,7 +1030,7 @@ class _Run:
         last = [time.monotonic()]
         planned = [self.planned(i0, i1) for i0, i1 in batches]
         if self.ranks.distributed:  # this rank's batches, each counted alone
-            own = [j for j in range(len(batches)) if self.ranks.owner(j) == self.ranks.rank]
+            own = self.ranks.share(range(len(batches)))
             keep = all(planned[j] for j in own)
             steps = [(j, j + 1, planned[j]) for j in own if j >= self.next_batch]
         else:
